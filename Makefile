@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create (or reuse) the virtual environment
+# and install everything they need; nothing has to be installed beforehand.
+VENV ?= .venv
+PYTHON ?= python3
+# A CPU build of torch; on a GPU machine use e.g. `make TORCH_SPEC='torch>=2.4' test`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.road_vlm-installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,serve]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/road-vlm demo $(DEMO_ARGS)
+
+# The whole suite, slow end-to-end tests included (this is what CI runs).
+test: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; exit $$rc
+
+# Everything except the tests marked slow.
+test-fast: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

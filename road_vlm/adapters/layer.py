@@ -1,0 +1,393 @@
+"""The adapted Linear: a frozen base ``nn.Linear`` plus any number of named adapters.
+
+Forward paths:
+- single adapter (the active one): ``z = R (W0 h + s B A h + b)`` with R and/or the LoRA part present per variant;
+- merged: the adapter lives in the base weights, the layer is the bare base layer;
+- mixed batch (inside ``per_sample_adapters``): every batch row picks an adapter (or none). The rotation is one
+  gather of per-adapter tables ``c1/s2 [N+1, d_out]`` (row 0 = identity) plus one element-wise pass over the
+  whole batch; the LoRA parts of lora/hybrid adapters are one gathered ``bmm`` with ranks padded to the largest.
+
+Dtypes: adapter parameters are created in fp32 (small, and angles need the precision) even on a bf16/fp16 base
+(fp64 on an fp64 base). Coefficients are computed in fp32 and cast to the activation dtype; the element-wise
+rotation and the LoRA matmuls run in the activation dtype (bf16 on GPU), which keeps the decode path a gather plus
+one multiply-add pass with no up/down casts of the activation. (A later ``model.to(bf16)``, or DeepSpeed's bf16
+mode, casts adapter parameters like any other; DeepSpeed then keeps fp32 master copies in the optimizer.)
+Merging is computed in fp32 (or fp64 for fp64 weights) and cast back to the weight dtype once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig, variant_has_lora, variant_has_road
+from .rotation import (
+    apply_rotation,
+    apply_rotation_fast,
+    identity_coefficients,
+    invert_coefficients,
+    road_coefficients,
+    road_param_size,
+    rotate_rows_,
+    singular_pairs,
+)
+
+
+class AdapterStateError(RuntimeError):
+    """An adapter operation that is not valid in the model's current state (merged, unknown name, ...)."""
+
+
+@dataclass(frozen=True)
+class LayerAdapterSpec:
+    """What one adapter needs to know in one layer."""
+
+    variant: str
+    group_size: int
+    lora_r: int
+    lora_scale: float
+    lora_dropout: float
+
+
+@dataclass
+class _MergedState:
+    """Everything needed to undo a merge, captured at merge time (small: O(d_out + r * (d_in + d_out)))."""
+
+    name: str
+    c1: Optional[torch.Tensor]
+    s2: Optional[torch.Tensor]
+    group_size: int
+    lora_delta_factors: Optional[tuple[torch.Tensor, torch.Tensor, float]]
+
+
+@dataclass
+class _MixedTables:
+    """Per-layer gathered tables for a mixed batch, built once when ``per_sample_adapters`` is entered."""
+
+    ids: torch.Tensor  # [batch] row index into the tables (0 = no adapter)
+    rotations: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (group_size, ids_for_bucket, c1, s2)
+    lora_a: Optional[torch.Tensor]  # [N+1, r_max, d_in]
+    lora_b: Optional[torch.Tensor]  # [N+1, d_out, r_max], LoRA scale folded in
+    by_batch: dict[int, tuple]  # per batch size (k * len(names) for num_return_sequences / beams): row ids
+
+
+class AdaptedLinear(nn.Module):
+    """``nn.Linear`` wrapper holding named RoAd / LoRA adapters. Parameter names carry the method prefix:
+    ``road_theta.<name>``, ``road_alpha.<name>``, ``lora_A.<name>`` ([r, d_in]), ``lora_B.<name>`` ([d_out, r])."""
+
+    def __init__(self, base_layer: nn.Linear, module_name: str) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{module_name}: RoAd/LoRA adapters need an nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.road_theta = nn.ParameterDict()
+        self.road_alpha = nn.ParameterDict()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.specs: dict[str, LayerAdapterSpec] = {}
+        self.active_adapter: Optional[str] = None
+        self.merged: Optional[_MergedState] = None
+        self._coeff_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._mixed: Optional[_MixedTables] = None
+
+    # -- nn.Linear look-alike attributes, so code that inspects .weight/.in_features keeps working
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    # -- adapter management
+    def add(self, name: str, config: AdapterConfig) -> None:
+        """Create identity-initialised fp32 parameters for adapter ``name`` on the base weight's device."""
+        if name in self.specs:
+            raise AdapterStateError(f"{self.module_name}: adapter {name!r} already exists")
+        d_out, d_in = self.out_features, self.in_features
+        device = self.base_layer.weight.device
+        # fp32 for fp32/bf16/fp16 bases; fp64 bases (numerical tests) get fp64 so nothing rounds to fp32.
+        pdtype = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        spec = LayerAdapterSpec(
+            variant=config.variant,
+            group_size=config.group_size,
+            lora_r=config.lora_r if variant_has_lora(config.variant) else 0,
+            lora_scale=config.lora_scale if variant_has_lora(config.variant) else 0.0,
+            lora_dropout=float(config.lora_dropout) if variant_has_lora(config.variant) else 0.0,
+        )
+        if variant_has_road(spec.variant):
+            size = road_param_size(spec.variant, d_out)
+            self.road_theta[name] = nn.Parameter(torch.zeros(size, dtype=pdtype, device=device))
+            self.road_alpha[name] = nn.Parameter(torch.ones(size, dtype=pdtype, device=device))
+        if spec.lora_r:
+            a = torch.empty(spec.lora_r, d_in, dtype=pdtype, device=device)
+            if device.type != "meta":
+                # Same init as PEFT/LLaVA LoRA: Kaiming-uniform A, zero B -> the update starts at exactly 0.
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(d_out, spec.lora_r, dtype=pdtype, device=device))
+        self.specs[name] = spec
+        self._coeff_cache.pop(name, None)
+
+    def remove(self, name: str) -> None:
+        """Drop adapter ``name`` from this layer."""
+        for store in (self.road_theta, self.road_alpha, self.lora_A, self.lora_B):
+            if name in store:
+                del store[name]
+        self.specs.pop(name, None)
+        self._coeff_cache.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """``{"road_theta": p, ...}`` for one adapter (only the kinds it has)."""
+        out = {}
+        for kind in ("road_theta", "road_alpha", "lora_A", "lora_B"):
+            store = getattr(self, kind)
+            if name in store:
+                out[kind] = store[name]
+        return out
+
+    # -- coefficients
+    def coefficients(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(c1, s2)`` of adapter ``name``; cached while no gradient is being recorded."""
+        spec = self.specs[name]
+        theta, alpha = self.road_theta[name], self.road_alpha[name]
+        if torch.is_grad_enabled() and (theta.requires_grad or alpha.requires_grad):
+            return road_coefficients(spec.variant, spec.group_size, theta, alpha)
+        # _version changes on every in-place update (optimizer steps, load_state_dict, copy_ under no_grad);
+        # data_ptr catches a swapped storage. Direct `.data` edits bypass both: call invalidate_cache() then.
+        key = (theta._version, alpha._version, theta.data_ptr(), alpha.data_ptr(), theta.device)
+        hit = self._coeff_cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            c1, s2 = road_coefficients(spec.variant, spec.group_size, theta.detach(), alpha.detach())
+        self._coeff_cache[name] = (key, c1, s2)
+        return c1, s2
+
+    def invalidate_cache(self) -> None:
+        """Forget cached coefficient tables (needed only after editing parameters through ``.data``)."""
+        self._coeff_cache.clear()
+
+    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        spec = self.specs[name]
+        a = self.lora_A[name].to(x.dtype)
+        b = self.lora_B[name].to(x.dtype)
+        if spec.lora_dropout and self.training:
+            x = F.dropout(x, p=spec.lora_dropout, training=True)
+        return F.linear(F.linear(x, a), b) * spec.lora_scale
+
+    # -- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self._mixed is not None:
+            return self._mixed_forward(x, y)
+        if self.merged is not None:
+            return y
+        name = self.active_adapter
+        if name is None or name not in self.specs:
+            return y
+        spec = self.specs[name]
+        if spec.lora_r:
+            y = y + self._lora_delta(name, x)
+        if variant_has_road(spec.variant):
+            c1, s2 = self.coefficients(name)
+            c1, s2 = c1.to(y.dtype), s2.to(y.dtype)
+            if torch.is_grad_enabled() and (y.requires_grad or c1.requires_grad):
+                y = apply_rotation(y, c1, s2, spec.group_size)
+            else:
+                y = apply_rotation_fast(y, c1, s2, spec.group_size)
+        return y
+
+    # -- mixed batches
+    @torch.no_grad()
+    def build_mixed_tables(self, names: list[Optional[str]], *, dtype: torch.dtype) -> None:
+        """Prepare the gathered tables for one batch whose row i uses ``names[i]`` (None = base model).
+
+        Names this layer does not hold map to the identity row (an adapter may target a subset of layers).
+        Built once per ``per_sample_adapters`` block, so each decode step is only gather + FMA. Inference only:
+        the tables are detached from the adapter parameters.
+        """
+        if self.merged is not None:
+            raise AdapterStateError(
+                f"{self.module_name}: adapter {self.merged.name!r} is merged; unmerge it before mixed-adapter batches"
+            )
+        device = self.base_layer.weight.device
+        present = [n for n in dict.fromkeys(names) if n is not None and n in self.specs]
+        row_of = {n: i + 1 for i, n in enumerate(present)}
+        ids = torch.tensor([row_of.get(n, 0) if n is not None else 0 for n in names], dtype=torch.long, device=device)
+
+        rotations = []
+        road_names = [n for n in present if variant_has_road(self.specs[n].variant)]
+        # One pass per distinct group_size (normally exactly one): rows of other buckets stay identity.
+        for gs in sorted({self.specs[n].group_size for n in road_names}):
+            bucket = [n for n in road_names if self.specs[n].group_size == gs]
+            c1_rows, s2_rows = [], []
+            ident = identity_coefficients(self.out_features, dtype=self.road_theta[bucket[0]].dtype, device=device)
+            c1_rows.append(ident[0])
+            s2_rows.append(ident[1])
+            for n in bucket:
+                c1, s2 = self.coefficients(n)
+                c1_rows.append(c1)
+                s2_rows.append(s2)
+            c1_t = torch.stack(c1_rows).to(dtype)
+            s2_t = torch.stack(s2_rows).to(dtype)
+            bucket_row = {n: i + 1 for i, n in enumerate(bucket)}
+            remap = torch.zeros(len(present) + 1, dtype=torch.long, device=device)
+            for n in bucket:
+                remap[row_of[n]] = bucket_row[n]
+            rotations.append((gs, remap, c1_t, s2_t))
+
+        lora_a = lora_b = None
+        lora_names = [n for n in present if self.specs[n].lora_r]
+        if lora_names:
+            r_max = max(self.specs[n].lora_r for n in lora_names)
+            lora_a = torch.zeros(len(present) + 1, r_max, self.in_features, dtype=dtype, device=device)
+            lora_b = torch.zeros(len(present) + 1, self.out_features, r_max, dtype=dtype, device=device)
+            for n in lora_names:
+                lora_a[row_of[n]] = self._padded_a(n, r_max, dtype)
+                lora_b[row_of[n]] = self._padded_b(n, r_max, dtype)
+        self._mixed = _MixedTables(ids=ids, rotations=rotations, lora_a=lora_a, lora_b=lora_b, by_batch={})
+
+    def _padded_a(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
+        a = self.lora_A[name].to(dtype)
+        return F.pad(a, (0, 0, 0, r_max - a.shape[0]))
+
+    def _padded_b(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
+        b = self.lora_B[name].to(dtype) * self.specs[name].lora_scale
+        return F.pad(b, (0, r_max - b.shape[1]))
+
+    def clear_mixed_tables(self) -> None:
+        """Leave mixed-batch mode."""
+        self._mixed = None
+
+    def _batch_ids(self, batch: int) -> tuple:
+        mixed = self._mixed
+        hit = mixed.by_batch.get(batch)
+        if hit is not None:
+            return hit
+        n = mixed.ids.shape[0]
+        if batch == n:
+            ids = mixed.ids
+        elif batch % n == 0:
+            # generate(num_return_sequences=k) / beam search expand each row k times with repeat_interleave.
+            ids = mixed.ids.repeat_interleave(batch // n)
+        else:
+            raise AdapterStateError(
+                f"{self.module_name}: per_sample_adapters got {n} adapter names but the layer sees a batch of "
+                f"{batch} rows (not a multiple of {n}); pass one name per batch row"
+            )
+        entry = (ids, [remap[ids] for _, remap, _, _ in mixed.rotations])
+        mixed.by_batch[batch] = entry
+        return entry
+
+    def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mixed = self._mixed
+        batch = y.shape[0]
+        ids, bucket_ids = self._batch_ids(batch)
+        # Gathering per forward (not caching [batch, d_out] rows per layer) keeps memory flat for 7B x 224 layers;
+        # an index_select of batch rows is negligible next to the layer's matmul.
+        if mixed.lora_a is not None:
+            x3 = x.reshape(batch, -1, x.shape[-1])
+            a = mixed.lora_a.index_select(0, ids).to(x.dtype)  # [B, r, d_in]
+            b = mixed.lora_b.index_select(0, ids).to(x.dtype)  # [B, d_out, r]
+            delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
+            y = y + delta.reshape(y.shape)
+        view = (batch,) + (1,) * (y.dim() - 2) + (y.shape[-1],)
+        for (gs, _, c1_t, s2_t), rows in zip(mixed.rotations, bucket_ids):
+            c1 = c1_t.index_select(0, rows).to(y.dtype).reshape(view)
+            s2 = s2_t.index_select(0, rows).to(y.dtype).reshape(view)
+            if y.requires_grad and torch.is_grad_enabled():
+                y = apply_rotation(y, c1, s2, gs)
+            else:
+                y = apply_rotation_fast(y, c1, s2, gs)
+        return y
+
+    # -- merge / unmerge
+    def _work_weight(self) -> tuple[torch.Tensor, bool]:
+        """The weight in the merge precision (fp32, or fp64 for fp64 weights): the parameter itself when it
+        already has that dtype (updated in place, no full copy), else an upcast copy."""
+        weight = self.base_layer.weight.detach()
+        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if weight.dtype == work and weight.is_contiguous():
+            return weight, True
+        return weight.to(work).contiguous(), False
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight/bias: W' = R (W0 + s B A), b' = R b (row-wise)."""
+        if self.merged is not None:
+            raise AdapterStateError(f"{self.module_name}: adapter {self.merged.name!r} is already merged")
+        spec = self.specs[name]
+        bias = self.base_layer.bias
+        w, in_place = self._work_weight()
+        factors = None
+        if spec.lora_r:
+            a = self.lora_A[name].detach().clone()
+            b = self.lora_B[name].detach().clone()
+            factors = (a, b, spec.lora_scale)
+            w.addmm_(b.to(w.dtype), a.to(w.dtype), alpha=spec.lora_scale)
+        c1 = s2 = None
+        if variant_has_road(spec.variant):
+            theta = self.road_theta[name].detach().to(w.dtype)
+            alpha = self.road_alpha[name].detach().to(w.dtype)
+            c1, s2 = road_coefficients(spec.variant, spec.group_size, theta, alpha)
+            rotate_rows_(w, c1, s2, spec.group_size)
+            if bias is not None:
+                bias.copy_(apply_rotation(bias.detach().to(w.dtype), c1, s2, spec.group_size).to(bias.dtype))
+        if not in_place:
+            self.base_layer.weight.copy_(w)
+        self.merged = _MergedState(name=name, c1=c1, s2=s2, group_size=spec.group_size, lora_delta_factors=factors)
+
+    def check_unmergeable(self) -> None:
+        """Raise (naming the layer and pair) if the merged rotation has a singular 2x2 block."""
+        st = self.merged
+        if st is None or st.c1 is None:
+            return
+        bad = singular_pairs(st.c1, st.s2, st.group_size)
+        if bad.numel():
+            half = st.group_size // 2
+            p = int(bad[0])
+            j = (p // half) * st.group_size + p % half
+            raise AdapterStateError(
+                f"{self.module_name}: cannot unmerge adapter {st.name!r}: {bad.numel()} singular 2x2 rotation "
+                f"block(s), first between output dims {j} and {j + half} (scale alpha ~ 0?)"
+            )
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore W0 = R^-1 W' - s B A and b = R^-1 b' with the analytic 2x2 inverses."""
+        st = self.merged
+        if st is None:
+            raise AdapterStateError(f"{self.module_name}: nothing is merged")
+        self.check_unmergeable()
+        bias = self.base_layer.bias
+        w, in_place = self._work_weight()
+        if st.c1 is not None:
+            c1_inv, s2_inv, _ = invert_coefficients(st.c1.to(w.dtype), st.s2.to(w.dtype), st.group_size)
+            rotate_rows_(w, c1_inv, s2_inv, st.group_size)
+            if bias is not None:
+                bias.copy_(apply_rotation(bias.detach().to(w.dtype), c1_inv, s2_inv, st.group_size).to(bias.dtype))
+        if st.lora_delta_factors is not None:
+            a, b, scale = st.lora_delta_factors
+            w.addmm_(b.to(w.dtype), a.to(w.dtype), alpha=-scale)
+        if not in_place:
+            self.base_layer.weight.copy_(w)
+        self.merged = None
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.specs)}, active={self.active_adapter!r}, merged={self.merged is not None}"

@@ -1,0 +1,269 @@
+"""LLaVA instruction data -> validated, tokenised training samples with lazily decoded images.
+
+Input: a JSON array or JSONL file of ``{"id", "image"?, "conversations": [{"from", "value"}, ...]}`` (LLaVA's
+``llava_v1_5_mix665k.json`` format), images relative to an image folder, text-only samples allowed.
+
+Everything that can be checked without decoding an image is checked *before* training starts, with errors that
+name the file, the line (JSONL) or record index (JSON array) and the sample id: malformed JSON, missing
+``conversations``, wrong turn order, ``<image>`` without an image (or the reverse), missing image files. Samples
+that are well-formed but cannot be supervised (image tokens beyond ``max_length``, nothing left to supervise
+after truncation) are dropped and counted, never silently cut. Image *decoding* happens lazily in
+``__getitem__`` (in DataLoader workers); an unreadable image is an error naming the sample, or with
+``on_bad_image="skip"`` the sample keeps a blank image and no supervised token, and is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from road_vlm.data.images import ImageLoadError, load_image, preprocess_images
+from road_vlm.data.template import (
+    IGNORE_INDEX,
+    LabelingError,
+    conversation_to_turns,
+    encode_training_sample,
+)
+
+logger = logging.getLogger(__name__)
+
+ON_BAD_IMAGE = ("error", "skip")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file, line/record and sample id."""
+
+
+@dataclass
+class DataStats:
+    """What happened to every input record (reported before and after training)."""
+
+    num_records: int = 0
+    num_samples: int = 0  # kept for training
+    num_image_samples: int = 0
+    num_text_samples: int = 0
+    num_truncated: int = 0  # text tokens cut at max_length (LLaVA truncates text too); ids in truncated_ids
+    truncated_ids: list[str] = field(default_factory=list)
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> sample ids
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(len(v) for v in self.dropped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_records": self.num_records,
+            "num_samples": self.num_samples,
+            "num_image_samples": self.num_image_samples,
+            "num_text_samples": self.num_text_samples,
+            "num_truncated": self.num_truncated,
+            "num_dropped": self.num_dropped,
+            "dropped": {reason: {"count": len(ids), "ids": ids[:50]} for reason, ids in self.dropped.items()},
+        }
+
+
+@dataclass
+class _Record:
+    sample_id: str
+    where: str  # "file:line N" or "file record N" for error messages
+    image: str | None
+    conversations: list[dict[str, Any]]
+
+
+def _where(path: Path, index: int, jsonl: bool) -> str:
+    return f"{path}:{index + 1}" if jsonl else f"{path} record {index}"
+
+
+def read_records(path: str | Path) -> list[_Record]:
+    """Parse LLaVA instruction data (JSON array or JSONL) and check each record's shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (data.path)")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    raw: list[tuple[int, Any]] = []
+    jsonl = not stripped.startswith("[")
+    if not jsonl:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from err
+        raw = list(enumerate(items))
+    else:
+        for lineno, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                raw.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno + 1}: malformed JSON line: {err.msg}") from err
+    records: list[_Record] = []
+    seen: set[str] = set()
+    for index, item in raw:
+        where = _where(path, index, jsonl)
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: a sample must be a JSON object, got {type(item).__name__}")
+        sample_id = str(item.get("id", f"#{index}"))
+        where = f"{where} (id {sample_id})"
+        if "conversations" not in item:
+            raise DataError(f"{where}: missing 'conversations'")
+        image = item.get("image")
+        if image is not None and (not isinstance(image, str) or not image):
+            raise DataError(f"{where}: 'image' must be a non-empty relative path string, got {image!r}")
+        try:
+            conversation_to_turns(item["conversations"], has_image=image is not None)
+        except LabelingError as err:
+            raise DataError(f"{where}: {err}") from err
+        if sample_id in seen:
+            logger.warning("%s: duplicate sample id %s", where, sample_id)
+        seen.add(sample_id)
+        records.append(_Record(sample_id, where, image, item["conversations"]))
+    return records
+
+
+def modality_length(conversations: list[dict[str, Any]], has_image: bool) -> int:
+    """LLaVA's modality length: word count of all turns, negative for text-only samples (never 0)."""
+    words = max(1, sum(len(turn["value"].split()) for turn in conversations))
+    return words if has_image else -words
+
+
+class LazySupervisedDataset(torch.utils.data.Dataset):
+    """Tokenised LLaVA samples (a ``datasets.Dataset``) + image paths; images are decoded on access."""
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        *,
+        tokenizer: Any,
+        image_processor: Any,
+        num_image_tokens: int,
+        image_token_id: int,
+        max_length: int = 2048,
+        image_folder: str | Path | None = None,
+        image_aspect_ratio: str = "pad",
+        on_bad_image: str = "error",
+    ) -> None:
+        import datasets
+
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+        self.data_path = Path(data_path)
+        self.image_folder = Path(image_folder) if image_folder is not None else self.data_path.parent
+        self.image_processor = image_processor
+        self.image_aspect_ratio = image_aspect_ratio
+        self.on_bad_image = on_bad_image
+        self.stats = DataStats()
+        dropped: dict[str, list[str]] = {}
+
+        records = read_records(self.data_path)
+        self.stats.num_records = len(records)
+        rows: list[dict[str, Any]] = []
+        for rec in records:
+            if rec.image is not None:
+                image_path = self.image_folder / rec.image
+                # Existence only: decoding every image up front would cost as much as an epoch of data loading.
+                if not image_path.is_file():
+                    if on_bad_image == "error":
+                        raise DataError(
+                            f"{rec.where}: image file not found: {image_path} (set data.on_bad_image=skip to skip)"
+                        )
+                    dropped.setdefault("image file missing", []).append(rec.sample_id)
+                    continue
+            try:
+                enc = encode_training_sample(
+                    tokenizer,
+                    rec.conversations,
+                    has_image=rec.image is not None,
+                    num_image_tokens=num_image_tokens,
+                    image_token_id=image_token_id,
+                    max_length=max_length,
+                )
+            except LabelingError as err:
+                # Structure was validated in read_records, so what is left is length: drop and count.
+                reason = ("image tokens would be cut at max_length" if "image tokens" in str(err)
+                          else f"cannot be labelled: {err}")
+                dropped.setdefault(reason, []).append(rec.sample_id)
+                continue
+            if enc.truncated:
+                self.stats.truncated_ids.append(rec.sample_id)
+            rows.append({
+                "id": rec.sample_id,
+                "image": rec.image,
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "modality_length": modality_length(rec.conversations, rec.image is not None),
+            })
+        self.stats.dropped = dropped
+        self.stats.num_truncated = len(self.stats.truncated_ids)
+        for reason, ids in dropped.items():
+            logger.warning("%s: dropped %d sample(s) [%s], e.g. %s", self.data_path, len(ids), reason, ids[:5])
+        if not rows:
+            raise DataError(
+                f"{self.data_path}: no usable samples left after filtering "
+                f"({self.stats.num_records} records, dropped: { {k: len(v) for k, v in dropped.items()} })"
+            )
+        # Arrow-backed storage keeps 665k tokenised samples compact and shareable with DataLoader workers.
+        self.samples = datasets.Dataset.from_list(rows)
+        self.samples.set_format(type=None)
+        self._images: list[str | None] = list(self.samples["image"])
+        self._ids: list[str] = list(self.samples["id"])
+        self.modality_lengths: list[int] = list(self.samples["modality_length"])
+        self.stats.num_samples = len(rows)
+        self.stats.num_image_samples = sum(1 for im in self._images if im is not None)
+        self.stats.num_text_samples = self.stats.num_samples - self.stats.num_image_samples
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def sample_id(self, index: int) -> str:
+        return self._ids[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.samples[index]
+        input_ids = torch.tensor(row["input_ids"], dtype=torch.long)
+        labels = torch.tensor(row["labels"], dtype=torch.long)
+        pixel_values = None
+        skipped = False
+        if row["image"] is not None:
+            path = self.image_folder / row["image"]
+            try:
+                image = load_image(path)
+            except ImageLoadError as err:
+                if self.on_bad_image == "error":
+                    raise DataError(f"{self.data_path} (id {row['id']}): {err}") from err
+                # Keep the image tokens (and so the batch shape) but supervise nothing: the sample is skipped
+                # without changing how many samples each rank sees, so distributed steps stay in lockstep.
+                logger.warning("%s (id %s): skipping unreadable image: %s", self.data_path, row["id"], err)
+                image = None
+                skipped = True
+                labels = torch.full_like(labels, IGNORE_INDEX)
+            if image is None:
+                size = _processor_size(self.image_processor)
+                pixel_values = torch.zeros(3, size, size)
+            else:
+                pixel_values = preprocess_images(self.image_processor, [image], self.image_aspect_ratio)[0]
+        return {"id": row["id"], "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values,
+                "skipped": skipped}
+
+
+def _processor_size(image_processor: Any) -> int:
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
+    return int(crop["height"] if "height" in crop else crop["shortest_edge"])
+
+
+def summarize_drops(stats: DataStats) -> str:
+    """One line for logs: how many samples were kept, truncated and dropped (by reason)."""
+    reasons = Counter({reason: len(ids) for reason, ids in stats.dropped.items()})
+    parts = [f"{stats.num_samples}/{stats.num_records} samples kept "
+             f"({stats.num_image_samples} with image, {stats.num_text_samples} text-only)"]
+    if stats.num_truncated:
+        parts.append(f"{stats.num_truncated} text-truncated at max_length")
+    for reason, count in reasons.most_common():
+        parts.append(f"{count} dropped ({reason})")
+    return "; ".join(parts)

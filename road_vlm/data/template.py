@@ -1,0 +1,228 @@
+"""LLaVA-1.5's ``v1`` conversation template (``conv_vicuna_v1``) and exact label construction.
+
+Prompt string (see shared/reference/llava15.md, 2.3)::
+
+    <SYSTEM> USER: <image>\\n<q1> ASSISTANT: <a1></s>USER: <q2> ASSISTANT: <a2></s>
+
+Labels are derived from the tokenizer's character offsets of that one string: a token is supervised when it
+overlaps an answer span (the space after ``ASSISTANT:``, the answer, and its closing ``</s>``). LLaVA instead
+re-tokenises each round and applies +-1 corrections that depend on the tokenizer version; when they are wrong it
+masks the whole sample with a "tokenization mismatch" warning and the loss silently becomes 0. Offsets cannot
+drift, and a sample that still ends up with no supervised token raises ``LabelingError``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SYSTEM_V1 = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES = ("USER", "ASSISTANT")
+IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100
+TEMPLATES = ("vicuna_v1",)
+IMAGE_ASPECT_RATIOS = ("pad", "crop")
+PROMPT_FORMAT_FILE = "prompt_format.json"
+
+
+class LabelingError(ValueError):
+    """A conversation that cannot be turned into a supervised training sample."""
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts and images were built in training; saved with every checkpoint and reused at inference."""
+
+    template: str = "vicuna_v1"
+    image_aspect_ratio: str = "pad"
+    max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown conversation template {self.template!r}; known: {', '.join(TEMPLATES)}")
+        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(
+                f"unknown image_aspect_ratio {self.image_aspect_ratio!r}; known: {', '.join(IMAGE_ASPECT_RATIOS)}"
+            )
+        if self.max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / PROMPT_FORMAT_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PromptFormat | None:
+        """The format saved in ``directory``, or None when the directory has none."""
+        path = Path(directory) / PROMPT_FORMAT_FILE
+        if not path.is_file():
+            return None
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: invalid prompt format: {err}") from err
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False  # text tokens were cut at max_length (image tokens never are)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _move_image_to_front(text: str) -> str:
+    # LLaVA's preprocess_multimodal: wherever <image> stood in the turn, it ends up first, then a newline.
+    return IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
+
+
+def render_turns(turns: list[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
+    """Render (user, assistant) turns; assistant None marks the generation slot (must be last).
+
+    Returns the prompt string and the character spans to supervise.
+    """
+    text = SYSTEM_V1 + " "
+    spans: list[tuple[int, int]] = []
+    for i, (user, assistant) in enumerate(turns):
+        text += f"{ROLES[0]}: {user} {ROLES[1]}:"
+        if assistant is None:
+            if i != len(turns) - 1:
+                raise ValueError("only the last turn may be left open for generation")
+            break
+        start = len(text)
+        text += " " + assistant + "</s>"
+        spans.append((start, len(text)))
+    return text, spans
+
+
+def render_prompt(history: list[tuple[str, str]], question: str, *, has_image: bool) -> str:
+    """The generation prompt, ending with ``ASSISTANT:``; the image (if any) opens the first user turn."""
+    turns: list[tuple[str, str | None]] = [(u, a) for u, a in history] + [(question, None)]
+    if has_image:
+        first_user = turns[0][0]
+        turns[0] = (_move_image_to_front(first_user), turns[0][1])
+    text, _ = render_turns(turns)
+    return text
+
+
+def _tokenize_with_images(
+    tokenizer: Any, text: str, *, num_image_tokens: int, image_token_id: int, spans: list[tuple[int, int]]
+) -> tuple[list[int], list[bool]]:
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets = enc["offset_mapping"]
+    if len(offsets) != len(ids):  # pragma: no cover - tokenizer contract
+        raise LabelingError("tokenizer returned offsets that do not match its tokens")
+    out_ids: list[int] = []
+    supervised: list[bool] = []
+    for tok, (start, end) in zip(ids, offsets):
+        if tok == image_token_id:
+            out_ids.extend([image_token_id] * num_image_tokens)
+            supervised.extend([False] * num_image_tokens)
+            continue
+        sup = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+        out_ids.append(tok)
+        supervised.append(sup)
+    return out_ids, supervised
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            "road_vlm derives labels from character offsets and needs a fast (tokenizers-backed) tokenizer; "
+            f"got {type(tokenizer).__name__}"
+        )
+
+
+def conversation_to_turns(conversations: list[dict[str, Any]], *, has_image: bool) -> list[tuple[str, str]]:
+    """Validate LLaVA ``conversations`` (human/gpt alternating, ``<image>`` only in the first human turn)."""
+    if not isinstance(conversations, list) or not conversations:
+        raise LabelingError("'conversations' must be a non-empty list of turns")
+    turns: list[tuple[str, str]] = []
+    expected = ("human", "gpt")
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise LabelingError(f"turn {i} must be an object with 'from' and 'value'")
+        if turn["from"] != expected[i % 2]:
+            raise LabelingError(
+                f"turn {i} is from {turn['from']!r}, expected {expected[i % 2]!r} (turns must alternate human/gpt, "
+                "starting with human)"
+            )
+        if not isinstance(turn["value"], str):
+            raise LabelingError(f"turn {i} value must be a string")
+    if len(conversations) % 2:
+        raise LabelingError("the conversation ends with a human turn that has no gpt answer")
+    image_turns = [i for i, t in enumerate(conversations) if IMAGE_TOKEN in t["value"]]
+    if has_image:
+        if image_turns != [0] or conversations[0]["value"].count(IMAGE_TOKEN) != 1:
+            raise LabelingError(
+                "the sample has an image, so the first human turn must contain '<image>' exactly once and no other "
+                f"turn may contain it (found it in turns {image_turns})"
+            )
+    elif image_turns:
+        raise LabelingError(f"'<image>' appears in turns {image_turns} but the sample has no 'image' field")
+    for i in range(0, len(conversations), 2):
+        user = conversations[i]["value"]
+        if i == 0 and has_image:
+            user = _move_image_to_front(user)
+        turns.append((user, conversations[i + 1]["value"]))
+    return turns
+
+
+def encode_training_sample(
+    tokenizer: Any,
+    conversations: list[dict[str, Any]],
+    *,
+    has_image: bool,
+    num_image_tokens: int,
+    image_token_id: int,
+    max_length: int,
+) -> EncodedSample:
+    """Token ids and labels for one LLaVA conversation (answers and their ``</s>`` supervised)."""
+    _check_tokenizer(tokenizer)
+    turns = conversation_to_turns(conversations, has_image=has_image)
+    text, spans = render_turns(list(turns))
+    ids, supervised = _tokenize_with_images(
+        tokenizer, text, num_image_tokens=num_image_tokens, image_token_id=image_token_id, spans=spans
+    )
+    truncated = False
+    if len(ids) > max_length:
+        if has_image:
+            last_image = max(i for i, t in enumerate(ids) if t == image_token_id)
+            if last_image >= max_length:
+                raise LabelingError(
+                    f"the image tokens end at position {last_image + 1}, beyond max_length {max_length}"
+                )
+        ids, supervised = ids[:max_length], supervised[:max_length]
+        truncated = True
+    labels = [t if s else IGNORE_INDEX for t, s in zip(ids, supervised)]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise LabelingError("no answer token left to supervise" + (" after truncation" if truncated else ""))
+    return EncodedSample(input_ids=ids, labels=labels, truncated=truncated)
+
+
+def encode_prompt(
+    tokenizer: Any,
+    history: list[tuple[str, str]],
+    question: str,
+    *,
+    has_image: bool,
+    num_image_tokens: int,
+    image_token_id: int,
+) -> list[int]:
+    """Token ids of a generation prompt, built exactly as the training samples were."""
+    _check_tokenizer(tokenizer)
+    if IMAGE_TOKEN in question and (history or not has_image):
+        raise ValueError("'<image>' may only appear in the first user message of a conversation with an image")
+    text = render_prompt(history, question, has_image=has_image)
+    ids, _ = _tokenize_with_images(
+        tokenizer, text, num_image_tokens=num_image_tokens, image_token_id=image_token_id, spans=[]
+    )
+    return ids

@@ -1,0 +1,435 @@
+"""Many adapters, one base, one batch: the serving engine and its background batch scheduler.
+
+:class:`ServingEngine` loads one base checkpoint through ``load_vlm`` and N adapter directories through the
+adapter engine's ``load_adapter``. A batch of requests, each naming its adapter or None, runs as ONE left-padded
+``generate()`` call inside ``per_sample_adapters``: RoAd's per-row rotation tables make the mixed batch cost one
+element-wise pass per layer, whatever the number of distinct adapters.
+
+An adapter may have trained the multimodal projector. The adapter engine loads a projector into the shared base
+module (one per model), which would leak one adapter's projector into every other row; so the serving engine loads
+adapters with ``load_projector=False`` and keeps each trained projector as its own module, applied per image by
+:class:`_ProjectorBank`. Rows without an adapter or whose adapter kept the base projector use the base one.
+
+:class:`BatchScheduler` is the request side: a bounded queue and one worker thread that collects concurrent
+requests for a short window (or until ``max_batch_size``) and hands them to the engine as one batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+
+from road_vlm.data.template import PromptFormat
+from road_vlm.model import LoadedVLM, load_vlm
+
+from .generation import GenerationRequest, GenerationResult, PreparedPrompt, generate_batch, prepare_prompt
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+class UnknownAdapterError(LookupError):
+    """A request named a model/adapter that is not loaded."""
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory that cannot be served with this base (message names the adapter and directory)."""
+
+
+class QueueFullError(RuntimeError):
+    """The scheduler already holds ``max_queue`` unfinished requests."""
+
+
+class _ProjectorBank(nn.Module):
+    """The multimodal projector, with one optional replacement per adapter, chosen per image.
+
+    ``image_adapters`` (set around a batch) lists the adapter of every image in the batch, in the order LLaVA
+    consumes them (row order); outside a batch every image goes through the base projector.
+    """
+
+    def __init__(self, base: nn.Module, overrides: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.base = base
+        self.overrides = nn.ModuleDict(dict(overrides))
+        self.image_adapters: list[str | None] | None = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.image_adapters is None:
+            return self.base(features)
+        if len(self.image_adapters) != features.shape[0]:
+            raise RuntimeError(
+                f"projector got {features.shape[0]} images but the batch has {len(self.image_adapters)} images"
+            )
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(self.image_adapters):
+            groups.setdefault(name if name in self.overrides else None, []).append(i)
+        out: torch.Tensor | None = None
+        for name, rows in groups.items():
+            module = self.base if name is None else self.overrides[name]
+            index = torch.tensor(rows, device=features.device)
+            projected = module(features.index_select(0, index))
+            if out is None:
+                out = projected.new_empty((features.shape[0], *projected.shape[1:]))
+            out.index_copy_(0, index, projected)
+        assert out is not None
+        return out
+
+
+def _read_projector(directory: Path, base: nn.Module, prefix: str) -> nn.Module:
+    """A copy of ``base`` holding the adapter's trained projector weights (every tensor checked)."""
+    file = directory / PROJECTOR_FILE
+    expected = {f"{prefix}.{n}": p for n, p in base.named_parameters()}
+    module = copy.deepcopy(base)
+    params = dict(module.named_parameters())
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing or extra:
+                raise AdapterLoadError(
+                    f"{file}: projector tensors do not match this base (missing {missing[:5]}, unexpected {extra[:5]})"
+                )
+            with torch.no_grad():
+                for key, base_param in expected.items():
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(base_param.shape):
+                        raise AdapterLoadError(
+                            f"{file}: {key} has shape {tuple(tensor.shape)}, this base expects "
+                            f"{tuple(base_param.shape)} (adapter trained for another base model?)"
+                        )
+                    if not bool(torch.isfinite(tensor).all()):
+                        raise AdapterLoadError(f"{file}: {key} contains NaN or infinite values")
+                    params[key[len(prefix) + 1:]].copy_(tensor.to(base_param.dtype))
+    except AdapterLoadError:
+        raise
+    except Exception as err:  # safetensors' own errors for corrupt files
+        raise AdapterLoadError(f"{file}: cannot read projector weights: {err}") from err
+    return module
+
+
+@dataclass
+class BatchRecord:
+    """What one generate() call contained (exposed for monitoring and tests)."""
+
+    adapters: list[str | None]
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    requests: int = 0
+    completion_tokens: int = 0
+    largest_batch: int = 0
+    recent: deque[BatchRecord] = field(default_factory=lambda: deque(maxlen=256))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "completion_tokens": self.completion_tokens,
+            "largest_batch": self.largest_batch,
+            "recent_batches": [
+                {"adapters": r.adapters, "size": len(r.adapters), "distinct_adapters": len(set(r.adapters)),
+                 "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                 "seconds": round(r.seconds, 4)}
+                for r in list(self.recent)  # a snapshot: the batcher thread appends concurrently
+            ],
+        }
+
+
+class ServingEngine:
+    """One base model with any number of named adapters, generating mixed-adapter batches."""
+
+    def __init__(
+        self,
+        loaded: LoadedVLM,
+        *,
+        base_name: str,
+        adapter_dirs: Mapping[str, Path] | None = None,
+        prompt_formats: Mapping[str, PromptFormat] | None = None,
+    ) -> None:
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.base_name = base_name
+        self.base_prompt_format = loaded.prompt_format
+        self.adapter_dirs: dict[str, Path] = dict(adapter_dirs or {})
+        self.prompt_formats: dict[str, PromptFormat] = dict(prompt_formats or {})
+        self.stats = EngineStats()
+        self._lock = threading.Lock()  # one generate() at a time on this model
+        # HTTP handlers prepare prompts on several threads; a fast tokenizer's Rust state must not be borrowed
+        # mutably by two of them at once ("Already borrowed"), so tokenising is serialised (it is cheap).
+        self._prepare_lock = threading.Lock()
+        if base_name in self.adapter_dirs:
+            raise AdapterLoadError(f"adapter name {base_name!r} is also the base model's name; rename one of them")
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        adapters: Mapping[str, str | Path] | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        base_name: str | None = None,
+    ) -> ServingEngine:
+        """Load the base through ``load_vlm`` and every ``name -> directory`` adapter through the adapter engine."""
+        from road_vlm.adapters import load_adapter
+        from road_vlm.adapters.inject import projector
+
+        adapters = dict(adapters or {})
+        base_name = base_name or Path(str(model)).name
+        if base_name in adapters:
+            raise AdapterLoadError(
+                f"adapter name {base_name!r} is also the base model's name; rename the adapter or pass base_name"
+            )
+        loaded = load_vlm(model, device=device, dtype=dtype)
+        prompt_formats: dict[str, PromptFormat] = {}
+        projectors: dict[str, nn.Module] = {}
+        prefix, base_projector = projector(loaded.model)
+        for name, directory in adapters.items():
+            directory = Path(directory)
+            try:
+                load_adapter(loaded.model, directory, name, load_projector=False)
+                if (directory / PROJECTOR_FILE).is_file():
+                    projectors[name] = _read_projector(directory, base_projector, prefix).to(device)
+                saved = PromptFormat.load(directory)
+            except AdapterLoadError:
+                raise
+            except (ValueError, RuntimeError, OSError) as err:
+                raise AdapterLoadError(f"adapter {name!r} ({directory}): {err}") from err
+            if saved is None:
+                logger.warning("%s has no prompt_format.json; adapter %r uses the LLaVA-1.5 defaults", directory, name)
+            prompt_formats[name] = saved or PromptFormat()
+        if projectors:
+            parent_name, _, child = prefix.rpartition(".")
+            parent = loaded.model.get_submodule(parent_name) if parent_name else loaded.model
+            setattr(parent, child, _ProjectorBank(base_projector, projectors))
+        loaded.model.eval()
+        return cls(
+            loaded,
+            base_name=base_name,
+            adapter_dirs={k: Path(v) for k, v in adapters.items()},
+            prompt_formats=prompt_formats,
+        )
+
+    # -- names
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_dirs)
+
+    def model_names(self) -> list[str]:
+        """Names a request may use as ``model``: the base first, then every adapter."""
+        return [self.base_name, *self.adapter_names]
+
+    def resolve(self, model_name: str | None) -> str | None:
+        """Adapter name for a request's ``model`` (None = the bare base); UnknownAdapterError otherwise."""
+        if model_name is None or model_name == self.base_name:
+            return None
+        if model_name in self.adapter_dirs:
+            return model_name
+        raise UnknownAdapterError(
+            f"model {model_name!r} is not loaded; available: {', '.join(self.model_names())}"
+        )
+
+    def prompt_format(self, adapter: str | None) -> PromptFormat:
+        return self.base_prompt_format if adapter is None else self.prompt_formats[adapter]
+
+    def prepare(
+        self, adapter: str | None, history: Sequence[tuple[str, str]], question: str, image: Image.Image | None
+    ) -> PreparedPrompt:
+        """Encode a conversation with the template and image preprocessing of ``adapter``'s checkpoint."""
+        with self._prepare_lock:
+            return prepare_prompt(self.model, self.processor, self.prompt_format(adapter), history, question, image)
+
+    # -- generation
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run ``requests`` as one mixed-adapter batch (one generate() call) and record its composition."""
+        if not requests:
+            return []
+        for r in requests:
+            if r.adapter is not None and r.adapter not in self.adapter_dirs:
+                raise UnknownAdapterError(f"adapter {r.adapter!r} is not loaded")
+        names = [r.adapter for r in requests]
+        bank = self._projector_bank()
+        start = time.perf_counter()
+        with self._lock:
+            if bank is not None:
+                bank.image_adapters = [r.adapter for r in requests if r.prompt.pixel_values is not None]
+            try:
+                results = generate_batch(
+                    self.model, self.processor.tokenizer, requests,
+                    adapters=names if self.adapter_dirs else None,
+                )
+            finally:
+                if bank is not None:
+                    bank.image_adapters = None
+        seconds = time.perf_counter() - start
+        record = BatchRecord(
+            adapters=names,
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            completion_tokens=sum(r.completion_tokens for r in results),
+            seconds=seconds,
+        )
+        self.stats.batches += 1
+        self.stats.requests += len(requests)
+        self.stats.completion_tokens += record.completion_tokens
+        self.stats.largest_batch = max(self.stats.largest_batch, len(requests))
+        self.stats.recent.append(record)
+        logger.info(
+            "batch of %d (%s): %d new tokens in %.2fs", len(names),
+            ", ".join(f"{k or self.base_name} x{v}" for k, v in Counter(names).items()),
+            record.completion_tokens, seconds,
+        )
+        return results
+
+    def _projector_bank(self) -> _ProjectorBank | None:
+        from road_vlm.adapters.inject import projector
+
+        _, module = projector(self.model)
+        return module if isinstance(module, _ProjectorBank) else None
+
+
+@dataclass
+class _Ticket:
+    request: GenerationRequest
+    future: concurrent.futures.Future[GenerationResult]
+
+
+class BatchScheduler:
+    """Collects concurrent requests into mixed-adapter batches and runs them on one worker thread.
+
+    ``submit`` returns a ``concurrent.futures.Future``; a request's ``on_text`` callback streams its text from
+    the worker thread. At most ``max_queue`` requests may be waiting or running (QueueFullError beyond that).
+    After the first request of a batch arrives the worker waits up to ``batch_window_s`` for more, so requests
+    that arrive together are generated together.
+    """
+
+    def __init__(
+        self,
+        engine: ServingEngine,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        batch_window_s: float = 0.02,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if batch_window_s < 0:
+            raise ValueError(f"batch_window_s must be >= 0, got {batch_window_s}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batch_window_s = batch_window_s
+        self._queue: queue.Queue[_Ticket | None] = queue.Queue()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not finished yet."""
+        return self._pending
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="road-vlm-batcher", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop after the batch in progress; requests still waiting fail with RuntimeError."""
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+        while True:
+            try:
+                ticket = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if ticket is not None:
+                self._finish(ticket, error=RuntimeError("the server is shutting down"))
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future[GenerationResult]:
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the batch scheduler is not running (call start())")
+        with self._pending_lock:
+            if self._pending >= self.max_queue:
+                raise QueueFullError(
+                    f"the server is busy: {self._pending} requests are waiting or running (max_queue={self.max_queue})"
+                )
+            self._pending += 1
+        ticket = _Ticket(request, concurrent.futures.Future())
+        self._queue.put(ticket)
+        return ticket.future
+
+    def _finish(self, ticket: _Ticket, *, result: GenerationResult | None = None,
+                error: BaseException | None = None) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+        if error is not None:
+            ticket.future.set_exception(error)
+        else:
+            ticket.future.set_result(result)
+
+    def _collect(self) -> list[_Ticket]:
+        first = self._queue.get()
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                ticket = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if ticket is None:  # close() was called: run what we have, then stop
+                self._stopping.set()
+                break
+            batch.append(ticket)
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            batch = self._collect()
+            live = []
+            for ticket in batch:
+                if ticket.request.cancelled.is_set():  # the client left while waiting
+                    self._finish(ticket, error=concurrent.futures.CancelledError())
+                else:
+                    live.append(ticket)
+            if not live:
+                continue
+            try:
+                results = self.engine.generate([t.request for t in live])
+            except Exception as err:  # the batch failed; report it to each caller and keep serving
+                logger.exception("batch of %d failed", len(live))
+                for ticket in live:
+                    self._finish(ticket, error=err)
+                continue
+            for ticket, result in zip(live, results):
+                self._finish(ticket, result=result)

@@ -1,0 +1,219 @@
+"""``road-vlm chat | chat-ui | merge | export | serve`` (registered by road_vlm/cli.py through ``register``)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _adapter_spec(value: str) -> tuple[str, str]:
+    name, sep, directory = value.partition("=")
+    if not sep or not name or not directory:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, directory
+
+
+def _add_sampling(parser: argparse.ArgumentParser, *, max_new_tokens: int = 512) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base LLaVA-1.5 checkpoint (HF format dir or hub id)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None,
+                        help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def _add_server(parser: argparse.ArgumentParser, *, port: int) -> None:
+    parser.add_argument("--adapters", nargs="+", type=_adapter_spec, default=[], metavar="NAME=DIR",
+                        help="adapters to serve; a request's `model` picks one by NAME")
+    parser.add_argument("--base-name", default=None,
+                        help="`model` name that selects the base without adapter (default: the base folder name)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting+running requests before 429")
+    parser.add_argument("--batch-window-ms", type=float, default=20.0,
+                        help="how long the batcher waits for more requests after the first one")
+    parser.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
+    parser.add_argument("--allow-local-images", action="store_true",
+                        help="accept local file paths as image URLs (only for trusted clients)")
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer KEY` on API routes (the page: open /#key=KEY)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``chat``, ``chat-ui``, ``merge``, ``export`` and ``serve``."""
+    chat = subparsers.add_parser("chat", help="chat with a (tuned) model about an image in the terminal",
+                                 description="Multi-turn terminal chat, streamed. Commands: /image PATH, /reset, "
+                                 "/quit. With --prompt it answers once and exits.")
+    _add_model(chat)
+    chat.add_argument("--adapter", default=None, metavar="DIR", help="adapter directory (road_vlm or PEFT RoAd)")
+    chat.add_argument("--merge", action="store_true", help="fold the adapter into the weights (faster generation)")
+    chat.add_argument("--image", default=None, help="image to talk about")
+    chat.add_argument("--prompt", default=None, help="answer this one question and exit")
+    chat.add_argument("--json", action="store_true",
+                      help="with --prompt: print {answer, prompt, adapter, tokens, ...} as one JSON line")
+    _add_sampling(chat)
+    chat.set_defaults(func=run_chat)
+
+    ui = subparsers.add_parser("chat-ui", help="web chat page (image upload, streaming, adapter choice)",
+                               description="Serves a chat page at http://HOST:PORT/ on top of the OpenAI-compatible "
+                               "API (same batcher, same adapters).")
+    _add_model(ui)
+    ui.add_argument("--adapter", default=None, metavar="DIR", help="a single adapter (served as 'default')")
+    _add_server(ui, port=7860)
+    ui.set_defaults(func=run_chat_ui)
+
+    merge = subparsers.add_parser("merge", help="merge an adapter into a standalone HF checkpoint",
+                                  description="Writes base + adapter (+ trained projector) as a plain "
+                                  "LlavaForConditionalGeneration checkpoint with processor and prompt_format.json.")
+    merge.add_argument("--model", required=True, help="base checkpoint")
+    merge.add_argument("--adapter", required=True, metavar="DIR")
+    merge.add_argument("--output", required=True, metavar="DIR")
+    merge.add_argument("--dtype", default=None, help="weights dtype (default: the base checkpoint's)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    merge.set_defaults(func=run_merge)
+
+    export = subparsers.add_parser("export", help="export a RoAd or LoRA adapter for the PEFT library",
+                                   description="Writes a PEFT adapter directory (RoadConfig or LoraConfig; a trained "
+                                   "projector as modules_to_save). The RoAd1+LoRA hybrid has no PEFT form.")
+    export.add_argument("--format", required=True, choices=["peft"])
+    export.add_argument("--adapter", required=True, metavar="DIR")
+    export.add_argument("--output", required=True, metavar="DIR")
+    export.add_argument("--base-model", default=None, help="recorded as base_model_name_or_path")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    export.set_defaults(func=run_export)
+
+    serve = subparsers.add_parser("serve", help="OpenAI-compatible server, many adapters in one batch",
+                                  description="POST /v1/chat/completions (model = adapter name or the base name, "
+                                  "stream supported), GET /v1/models, GET /v1/stats.")
+    _add_model(serve)
+    _add_server(serve, port=8000)
+    serve.add_argument("--web-ui", action="store_true", help="also serve the chat page at /")
+    serve.set_defaults(func=run_serve)
+
+
+def _error(command: str, err: BaseException) -> int:
+    print(f"road-vlm {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from road_vlm.adapters import AdapterConfigError, AdapterFileError, AdapterStateError
+    from road_vlm.data.images import ImageLoadError
+    from road_vlm.model import load_vlm
+
+    from .chat import ChatSession, answer_once, run_interactive
+    from .generation import PromptTooLongError, SamplingError, SamplingParams
+
+    if args.json and args.prompt is None:
+        return _error("chat", ValueError("--json needs --prompt (non-interactive mode)"))
+    try:
+        sampling = SamplingParams(args.temperature, args.top_p, args.max_new_tokens)
+        loaded = load_vlm(args.model, args.adapter, device=args.device, dtype=args.dtype, merge=args.merge)
+    except (SamplingError, AdapterFileError, AdapterConfigError, AdapterStateError, FileNotFoundError,
+            ValueError) as err:
+        return _error("chat", err)
+    session = ChatSession(loaded, sampling=sampling, adapter=args.adapter)
+    if args.image:
+        try:
+            session.set_image(args.image)
+        except ImageLoadError as err:
+            if args.prompt is not None:
+                return _error("chat", err)
+            print(f"error: {err}", file=sys.stderr)  # interactive: say so and chat without an image
+    if args.prompt is not None:
+        try:
+            return answer_once(session, args.prompt, as_json=args.json)
+        except (PromptTooLongError, ValueError) as err:
+            return _error("chat", err)
+    return run_interactive(session)
+
+
+def _load_engine(args: argparse.Namespace, adapters: dict[str, str]) -> Any:
+    from .batching import ServingEngine
+
+    return ServingEngine.load(args.model, adapters, device=args.device, dtype=args.dtype, base_name=args.base_name)
+
+
+def _adapters_from(args: argparse.Namespace) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    if getattr(args, "adapter", None):
+        adapters["default"] = args.adapter
+    for name, directory in args.adapters:
+        if name in adapters:
+            raise ValueError(f"adapter name {name!r} given twice")
+        adapters[name] = directory
+    return adapters
+
+
+def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    try:
+        engine = _load_engine(args, _adapters_from(args))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        return _error(command, err)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and args.api_key is None:
+        logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
+                       args.host)
+    app = create_app(
+        engine,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        batch_window_s=args.batch_window_ms / 1000.0,
+        default_max_tokens=args.max_tokens,
+        allow_local_images=args.allow_local_images,
+        api_key=args.api_key,
+        web_ui=web_ui,
+    )
+    names = ", ".join(engine.model_names())
+    where = f"http://{args.host}:{args.port}/" if web_ui else f"http://{args.host}:{args.port}/v1"
+    print(f"road-vlm {command}: serving {names} at {where}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def run_chat_ui(args: argparse.Namespace) -> int:
+    return _run_server(args, command="chat-ui", web_ui=True)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    return _run_server(args, command="serve", web_ui=args.web_ui)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .export import merge_checkpoint
+
+    try:
+        out = merge_checkpoint(args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        return _error("merge", err)
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_peft
+
+    try:
+        out = export_peft(args.adapter, args.output, base_model_name_or_path=args.base_model,
+                          overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as err:
+        return _error("export", err)
+    print(f"PEFT adapter written to {out}")
+    return 0

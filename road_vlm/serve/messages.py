@@ -1,0 +1,148 @@
+"""OpenAI chat ``messages`` -> (history, question, image) for the LLaVA-1.5 v1 template.
+
+LLaVA-1.5 conversations hold at most one image, in the first user turn, and a fixed system prompt; a request
+that cannot be expressed that way is rejected with a message that says why, instead of being silently reshaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from road_vlm.data.images import ImageLoadError, load_image
+from road_vlm.data.template import IMAGE_TOKEN, SYSTEM_V1
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.-]+)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL)
+
+
+class MessageError(ValueError):
+    """A chat request whose messages cannot be turned into a LLaVA-1.5 conversation (``param`` names the field)."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class BadImageError(MessageError):
+    """An image part that cannot be decoded or is not allowed."""
+
+
+def decode_image_url(url: str, *, allow_local_images: bool, max_bytes: int, param: str) -> Image.Image:
+    """A ``data:`` URL (base64) or, with ``allow_local_images``, a local path / ``file://`` URL -> RGB image."""
+    if not isinstance(url, str) or not url:
+        raise BadImageError("image_url.url must be a non-empty string", param)
+    match = _DATA_URL.match(url)
+    if match:
+        if not match.group("b64"):
+            raise BadImageError("image data URLs must be base64 encoded (data:image/png;base64,...)", param)
+        data = "".join(match.group("data").split())  # some clients wrap long base64 lines
+        if len(data) > (max_bytes * 4) // 3 + 4:
+            raise BadImageError(f"image is larger than the server's limit of {max_bytes} bytes", param)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise BadImageError(f"image data URL is not valid base64: {err}", param) from err
+        try:
+            return load_image(raw)
+        except ImageLoadError as err:
+            raise BadImageError(f"cannot decode the image: {err}", param) from err
+    if url.startswith(("http://", "https://")):
+        raise BadImageError("remote image URLs are not fetched by this server; send the image as a "
+                            "data:image/...;base64 URL", param)
+    if not allow_local_images:
+        raise BadImageError("local image paths are disabled (start the server with --allow-local-images); "
+                            "send the image as a data:image/...;base64 URL", param)
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    try:
+        if path.is_file() and path.stat().st_size > max_bytes:
+            raise BadImageError(f"{path}: larger than the server's limit of {max_bytes} bytes", param)
+        return load_image(path)
+    except ImageLoadError as err:
+        raise BadImageError(str(err), param) from err
+
+
+def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise MessageError(f"{where}.content must be a string or a list of content parts", f"{where}.content")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+            raise MessageError(
+                f"{where}.content[{j}] must be an object with type 'text' or 'image_url'", f"{where}.content[{j}]"
+            )
+    return content
+
+
+def parse_messages(
+    messages: Any, *, allow_local_images: bool = False, max_image_bytes: int = 20 * 1024 * 1024
+) -> tuple[list[tuple[str, str]], str, Image.Image | None]:
+    """Split OpenAI messages into finished ``(user, assistant)`` turns, the last user question and the image."""
+    if not isinstance(messages, list) or not messages:
+        raise MessageError("messages must be a non-empty list")
+    turns: list[tuple[str, Any]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise MessageError(f"{where} must be an object with 'role' and 'content'", where)
+        role = message.get("role")
+        if role == "system":
+            text = " ".join(
+                p.get("text", "") for p in _content_parts(message.get("content", ""), where) if p["type"] == "text"
+            ).strip()
+            if i != 0 or text not in ("", SYSTEM_V1):
+                raise MessageError(
+                    "custom system messages are not supported: LLaVA-1.5's vicuna_v1 template has a fixed system "
+                    "prompt; drop the system message", where
+                )
+            continue
+        if role not in ("user", "assistant"):
+            raise MessageError(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}", f"{where}.role")
+        turns.append((role, (i, message.get("content"))))
+    if not turns or turns[-1][0] != "user":
+        raise MessageError("the last message must come from the user")
+    for k, (role, (i, _)) in enumerate(turns):
+        if role != ("user" if k % 2 == 0 else "assistant"):
+            raise MessageError(
+                f"messages[{i}]: turns must alternate user/assistant, starting with user", f"messages[{i}].role"
+            )
+
+    image: Image.Image | None = None
+    texts: list[str] = []
+    for k, (role, (i, content)) in enumerate(turns):
+        where = f"messages[{i}]"
+        pieces: list[str] = []
+        for j, part in enumerate(_content_parts(content, where)):
+            if part["type"] == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise MessageError(f"{where}.content[{j}].text must be a string", f"{where}.content[{j}].text")
+                if IMAGE_TOKEN in text:
+                    raise MessageError(f"{where}: the text may not contain {IMAGE_TOKEN!r}; send images as "
+                                       "image_url parts", f"{where}.content[{j}].text")
+                pieces.append(text)
+                continue
+            if role != "user":
+                raise MessageError(f"{where}: only user messages may carry images", f"{where}.content[{j}]")
+            if k != 0:
+                raise MessageError(
+                    f"{where}: LLaVA-1.5 takes one image per conversation, in the first user message; "
+                    "start a new conversation for a new image", f"{where}.content[{j}]"
+                )
+            if image is not None:
+                raise MessageError(f"{where}: only one image per conversation is supported", f"{where}.content[{j}]")
+            spec = part.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            image = decode_image_url(url, allow_local_images=allow_local_images, max_bytes=max_image_bytes,
+                                     param=f"{where}.content[{j}].image_url")
+        text = "\n".join(p for p in pieces if p.strip()).strip()
+        if role == "user" and not text:
+            raise MessageError(f"{where}: the user message has no text", f"{where}.content")
+        texts.append(text)
+    history = [(texts[k], texts[k + 1]) for k in range(0, len(texts) - 1, 2)]
+    return history, texts[-1], image

@@ -1,0 +1,294 @@
+"""OpenAI-compatible HTTP API over the many-adapter batch scheduler (FastAPI).
+
+Routes: ``POST /v1/chat/completions`` (``model`` = adapter name, or the base model's name for no adapter;
+``stream: true`` gives server-sent events ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/stats``
+(batch composition counters), ``GET /health``; with ``web_ui=True`` also the chat page at ``/``.
+
+Every bad request gets an OpenAI-shaped JSON error (``{"error": {"message", "type", "param", "code"}}``) and the
+server keeps running: malformed body -> 400, unknown model -> 404, bad image -> 400, prompt beyond the context
+limit -> 400, queue full -> 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .batching import BatchScheduler, QueueFullError, ServingEngine, UnknownAdapterError
+from .generation import GenerationRequest, GenerationResult, PromptTooLongError, SamplingError, SamplingParams
+from .messages import BadImageError, MessageError, parse_messages
+
+logger = logging.getLogger(__name__)
+
+# Request fields that would change the answer in ways this server does not implement: refuse, never ignore.
+_UNSUPPORTED = {
+    "n": lambda v: v not in (None, 1),
+    "stop": lambda v: v not in (None, [], ""),
+    "tools": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none"),
+    "functions": lambda v: bool(v),
+    "function_call": lambda v: v not in (None, "none"),
+    "logprobs": lambda v: bool(v),
+    "top_logprobs": lambda v: v not in (None, 0),
+    "response_format": lambda v: v not in (None, {"type": "text"}),
+    "seed": lambda v: v is not None,
+    "presence_penalty": lambda v: v not in (None, 0, 0.0),
+    "frequency_penalty": lambda v: v not in (None, 0, 0.0),
+    "logit_bias": lambda v: bool(v),
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of an OpenAI chat completion request this server uses (others are checked by _UNSUPPORTED)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[Any] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class APIError(Exception):
+    """An error answered as OpenAI-shaped JSON."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _validation_message(err: ValidationError) -> tuple[str, str | None]:
+    parts, first = [], None
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        first = first or loc
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "invalid request body: " + "; ".join(parts), first
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def create_app(
+    engine: ServingEngine,
+    *,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    batch_window_s: float = 0.02,
+    default_max_tokens: int = 256,
+    allow_local_images: bool = False,
+    max_image_bytes: int = 20 * 1024 * 1024,
+    api_key: str | None = None,
+    web_ui: bool = False,
+) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the batch scheduler (``app.state.scheduler``)."""
+    scheduler = BatchScheduler(
+        engine, max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_s
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.close)
+
+    app = FastAPI(title="road_vlm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.scheduler = scheduler
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    def _check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not secrets.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "pending": scheduler.pending}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        _check_key(request)
+        created = int(time.time())
+        data = [{"id": engine.base_name, "object": "model", "created": created, "owned_by": "road_vlm",
+                 "adapter": None}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "road_vlm",
+                  "adapter": str(engine.adapter_dirs[name]), "root": engine.base_name}
+                 for name in engine.adapter_names]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        _check_key(request)
+        return {**engine.stats.as_dict(), "pending": scheduler.pending, "max_batch_size": max_batch_size,
+                "max_queue": max_queue, "batch_window_s": batch_window_s}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        _check_key(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"request body is not valid JSON: {err}") from err
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as err:
+            message, param = _validation_message(err)
+            raise APIError(400, message, param=param) from err
+        for name, bad in _UNSUPPORTED.items():
+            if name in body and bad(body[name]):
+                raise APIError(400, f"'{name}'={body[name]!r} is not supported by this server", param=name,
+                               code="unsupported_parameter")
+        try:
+            adapter = engine.resolve(req.model)
+        except UnknownAdapterError as err:
+            raise APIError(404, str(err), param="model", code="model_not_found") from err
+        try:
+            sampling = SamplingParams(
+                temperature=0.0 if req.temperature is None else float(req.temperature),
+                top_p=1.0 if req.top_p is None else float(req.top_p),
+                max_new_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
+            )
+        except SamplingError as err:
+            raise APIError(400, str(err)) from err
+
+        def prepare() -> Any:
+            history, question, image = parse_messages(
+                req.messages, allow_local_images=allow_local_images, max_image_bytes=max_image_bytes
+            )
+            return engine.prepare(adapter, history, question, image)
+
+        try:
+            prompt = await run_in_threadpool(prepare)  # image decoding and tokenising stay off the event loop
+        except BadImageError as err:
+            raise APIError(400, str(err), param=err.param, code="invalid_image") from err
+        except MessageError as err:
+            raise APIError(400, str(err), param=err.param) from err
+        except PromptTooLongError as err:
+            raise APIError(400, str(err), param="messages", code="context_length_exceeded") from err
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from err
+
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        gen_request = GenerationRequest(prompt=prompt, adapter=adapter, sampling=sampling)
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return _stream(scheduler, gen_request, completion_id, created, req.model, include_usage)
+        try:
+            future = scheduler.submit(gen_request)
+        except QueueFullError as err:
+            raise APIError(429, str(err), type_="rate_limit_error", code="queue_full") from err
+        try:
+            result: GenerationResult = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            gen_request.cancelled.set()
+            raise
+        except Exception as err:
+            logger.exception("generation failed")
+            raise APIError(500, f"generation failed: {err}", type_="server_error") from err
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason}],
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+        }
+
+    if web_ui:
+        from .web import add_web_routes
+
+        add_web_routes(app)
+    return app
+
+
+def _stream(scheduler: BatchScheduler, request: GenerationRequest, completion_id: str, created: int,
+            model: str, include_usage: bool) -> Any:
+    """Submit ``request`` with a streaming callback and answer with server-sent events."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def on_text(piece: str) -> None:  # called on the batcher thread
+        loop.call_soon_threadsafe(events.put_nowait, ("text", piece))
+
+    request.on_text = on_text
+    try:
+        future = scheduler.submit(request)
+    except QueueFullError as err:
+        return APIError(429, str(err), type_="rate_limit_error", code="queue_full").response()
+
+    def on_done(f: concurrent.futures.Future[GenerationResult]) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, ("done", f))
+
+    future.add_done_callback(on_done)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield _sse(chunk({"role": "assistant", "content": ""}))
+            while True:
+                kind, value = await events.get()
+                if kind == "text":
+                    yield _sse(chunk({"content": value}))
+                    continue
+                try:
+                    result = value.result()
+                except Exception as err:  # headers are sent: report the failure in the stream
+                    logger.exception("generation failed")
+                    yield _sse(APIError(500, f"generation failed: {err}", type_="server_error").body())
+                    yield _sse("[DONE]")
+                    return
+                yield _sse(chunk({}, result.finish_reason))
+                if include_usage:
+                    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                             "total_tokens": result.prompt_tokens + result.completion_tokens}
+                    yield _sse({**chunk({}), "choices": [], "usage": usage})
+                yield _sse("[DONE]")
+                return
+        finally:
+            # Client gone (or stream finished): stop this row at the next step instead of generating for nobody.
+            request.cancelled.set()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,221 @@
+"""Atomic training checkpoints and resume.
+
+``<output.dir>/checkpoint-<step>/`` holds:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``projector.safetensors``): ``save_adapter``
+- ``prompt_format.json``: how prompts/images were built (read by chat/eval)
+- ``config.yaml``: the resolved training config
+- ``trainer_state.json``: step, epoch, samples seen, loss/lr history
+- ``deepspeed/``: DeepSpeed engine, optimizer (ZeRO partitions) and LR scheduler state (frozen base weights
+  excluded, so a 7B checkpoint is megabytes, not 14 GB)
+- ``rng_state_<rank>.safetensors``: every rank's python / numpy / torch / accelerator RNG state
+
+Every rank writes into ``.tmp-checkpoint-<step>/``; after a barrier rank 0 renames it to ``checkpoint-<step>``.
+A rename is atomic, so a ``checkpoint-*`` directory is always complete and a run killed mid-save leaves the
+previous checkpoint untouched. The output directory must be on a filesystem shared by all nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from road_vlm.adapters import save_adapter
+from road_vlm.data.template import PromptFormat
+from road_vlm.train.config import TrainingConfig
+from road_vlm.train.distributed import DistInfo, barrier
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+STATE_FILE = "trainer_state.json"
+ENGINE_TAG = "deepspeed"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from."""
+
+
+@dataclass
+class TrainerState:
+    """Progress that is saved with each checkpoint and restored on resume."""
+
+    global_step: int = 0
+    epoch: float = 0.0
+    samples_seen: int = 0
+    max_steps: int = 0
+    steps_per_epoch: int = 0
+    global_batch: int = 0
+    world_size: int = 1
+    learning_rate: float = 0.0
+    skipped_samples: int = 0
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+
+    def save(self, directory: Path) -> None:
+        (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainerState:
+        path = directory / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{directory}: not a road_vlm checkpoint (no {STATE_FILE})") from err
+        except (json.JSONDecodeError, TypeError) as err:
+            raise CheckpointError(f"{path}: unreadable trainer state: {err}") from err
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (``checkpoint-<step>`` with a trainer state), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """Which checkpoint to resume from: ``auto`` (newest complete one, if any), ``never``, or a path."""
+    if resume == "never":
+        existing = list_checkpoints(output_dir)
+        if existing:
+            raise CheckpointError(
+                f"{output_dir} already holds {existing[-1][1].name}; with train.resume=never it would be overwritten. "
+                "Use train.resume=auto to continue it, or choose a new output.dir"
+            )
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"train.resume={resume}: not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- RNG state
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": json.dumps([py[0], list(py[1]), py[2]]),
+        "numpy": json.dumps([np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                             float(np_state[4])]),
+    }
+    return tensors, meta
+
+
+def save_rng_state(directory: Path, rank: int) -> None:
+    tensors, meta = _rng_state()
+    save_file(tensors, str(directory / f"rng_state_{rank}.safetensors"), metadata=meta)
+
+
+def load_rng_state(directory: Path, rank: int) -> None:
+    """Restore this rank's RNG state (safetensors + JSON metadata: no pickle)."""
+    from safetensors import safe_open
+
+    path = directory / f"rng_state_{rank}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} missing: the checkpoint was written by a run with fewer processes")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    version, state, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    *,
+    engine: Any,
+    model: Any,
+    config: TrainingConfig,
+    state: TrainerState,
+    output_dir: Path,
+    dist: DistInfo,
+    adapter_name: str = "default",
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically. Collective: every rank must call it."""
+    step = state.global_step
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"{TMP_PREFIX}{step}"
+    if dist.is_main and tmp.exists():
+        shutil.rmtree(tmp)  # leftover of a run killed mid-save
+    barrier()
+    if dist.is_main:
+        tmp.mkdir(parents=True)
+    barrier()
+    save_adapter(model, tmp, adapter_name)  # gathers ZeRO-3 shards on every rank, writes on rank 0
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+    save_rng_state(tmp, dist.rank)
+    if dist.is_main:
+        PromptFormat(config.data.template, config.data.image_aspect_ratio, config.data.max_length).save(tmp)
+        config.save(tmp / "config.yaml")
+        state.save(tmp)
+    barrier()
+    if dist.is_main:
+        if final.exists():  # same step saved by an earlier (interrupted) run: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _rotate(output_dir, config.train.save_total_limit)
+    barrier()
+    return final
+
+
+def _rotate(output_dir: Path, limit: int | None) -> None:
+    if limit is None:
+        return
+    found = list_checkpoints(output_dir)
+    for _, path in found[:-limit]:
+        logger.info("save_total_limit=%d: removing %s", limit, path)
+        shutil.rmtree(path)
+
+
+def load_checkpoint(engine: Any, directory: Path, dist: DistInfo) -> TrainerState:
+    """Restore engine/optimizer/scheduler state, this rank's RNG state, and return the trainer state."""
+    state = TrainerState.load(directory)
+    if state.world_size != dist.world_size:
+        raise CheckpointError(
+            f"{directory} was written by {state.world_size} process(es) but this run has {dist.world_size}; "
+            "resume with the same number of processes (ZeRO optimizer partitions and data order depend on it)"
+        )
+    load_path, _ = engine.load_checkpoint(
+        str(directory), tag=ENGINE_TAG, load_module_strict=False,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise CheckpointError(f"{directory}: DeepSpeed found no engine state under '{ENGINE_TAG}/'")
+    load_rng_state(directory, dist.rank)
+    return state

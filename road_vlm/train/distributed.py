@@ -1,0 +1,104 @@
+"""Process-group setup that works the same under ``deepspeed``, ``torchrun`` and plain ``python``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def set_single_process_defaults() -> None:
+    """Env defaults so a plain ``python scripts/train.py`` is a world of one (launchers set these themselves)."""
+    if "RANK" not in os.environ:
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ["RANK"] = "0"
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    if not torch.cuda.is_available():
+        # Without CUDA, DeepSpeed's CPU accelerator (gloo) runs the same code path on CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo/ccl on CPU) and pick the device."""
+    set_single_process_defaults()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if not torch.distributed.is_initialized():
+        backend = accel.communication_backend_name()
+        if accel.device_name() == "cpu" and backend == "ccl":
+            try:  # oneCCL is optional on CPU; gloo always works
+                import oneccl_bindings_for_pytorch  # noqa: F401
+            except ImportError:
+                backend = "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() == "cpu":
+        device = torch.device("cpu")
+        _limit_cpu_threads()
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _limit_cpu_threads() -> None:
+    """Share the cores between the processes of this node unless the user chose OMP_NUM_THREADS.
+
+    Every process defaulting to all cores oversubscribes the CPU (and gloo spin-waits), which made 2-process CPU
+    runs over 10x slower than with one thread each.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, int(local))))
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum floats over ranks (float64, so sums of counts stay exact)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s object on every rank (e.g. an error message, so all ranks fail together)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

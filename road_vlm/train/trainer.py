@@ -1,0 +1,345 @@
+"""The training loop: base model + adapter -> DeepSpeed engine -> steps, checkpoints, resume, reports.
+
+Order of work (everything that can fail on bad input happens before the first optimizer step, so a typo or a
+broken sample never costs trained steps):
+
+1. process group (deepspeed / torchrun / plain python), seeds, resume decision
+2. base model + processor (road_vlm.model.load_base), adapter (road_vlm.adapters.add_adapter: a group_size that
+   does not divide a layer's d_out fails here, naming the layer), gradient checkpointing
+3. data: parse, validate, tokenise every sample; check every image file exists
+4. optimizer (LLaVA's 4 groups), warmup+cosine schedule, DeepSpeed config with "auto" filled, initialize
+5. resume (engine/optimizer/scheduler/RNG state; data order is a function of seed and step), train, save
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from road_vlm.data.collator import SupervisedCollator
+from road_vlm.data.dataset import LazySupervisedDataset, summarize_drops
+from road_vlm.data.sampler import BatchLayout, epoch_order, rank_micro_batches, steps_per_epoch
+from road_vlm.data.template import IGNORE_INDEX
+from road_vlm.train.checkpoint import (
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from road_vlm.train.config import ConfigError, TrainingConfig
+from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from road_vlm.train.ds_config import build_deepspeed_config, offloads_optimizer, read_deepspeed_json
+from road_vlm.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
+from road_vlm.train.reporting import Reporter, format_summary, peak_memory_bytes, plot_loss, write_summary
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _model_dtype(config: TrainingConfig) -> str:
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    if config.train.bf16:
+        return "bfloat16"
+    if config.train.fp16:
+        return "float16"
+    return "float32"
+
+
+def _prepare_demo_assets(config: TrainingConfig, dist: DistInfo) -> None:
+    """Build the tiny model / synthetic data the demo config asks for (rank 0; others wait)."""
+    error = None
+    if dist.is_main:
+        try:
+            if config.data.generate_synthetic_if_missing > 0 and not Path(config.data.path).exists():
+                from road_vlm.data.synthetic import generate_training_data
+
+                root = Path(config.data.path).parent
+                generate_training_data(root, num_samples=config.data.generate_synthetic_if_missing)
+                if not Path(config.data.path).exists():
+                    raise ConfigError(
+                        f"data.generate_synthetic_if_missing wrote {root} but not {config.data.path} "
+                        "(the generator writes instruct.json and pretrain.json)"
+                    )
+            if config.model.build_tiny_if_missing and not (Path(config.model.name_or_path) / "config.json").exists():
+                from road_vlm.data.synthetic import tokenizer_corpus
+                from road_vlm.tiny import build_tiny_llava
+
+                build_tiny_llava(config.model.name_or_path, corpus=tokenizer_corpus(), seed=config.train.seed)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(err).__name__}: {err}"
+    error = broadcast_object(error)
+    if error is not None:
+        raise RuntimeError(f"preparing demo assets failed: {error}")
+
+
+def _first_error(dist: DistInfo, fn, *args, **kwargs):
+    """Run ``fn``; if it raises on any rank, raise on every rank (no rank is left waiting in a collective)."""
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised below
+        error = err
+    flags = all_reduce_sum([1.0 if error is not None else 0.0], dist.device)
+    if error is not None:
+        raise error
+    if flags[0] > 0:
+        raise RuntimeError("another rank failed during setup (see its error above)")
+    return result
+
+
+def _require_wandb() -> None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("output.report_to=wandb needs the wandb package (pip install wandb)") from err
+
+
+def load_model_with_adapter(config: TrainingConfig) -> tuple[Any, Any]:
+    """Base LLaVA + a fresh adapter; vision tower and all base weights frozen, projector per the config."""
+    from road_vlm.adapters import AdapterConfigError, add_adapter
+    from road_vlm.model import load_base
+
+    model, processor = load_base(config.model.name_or_path, device="cpu", dtype=_model_dtype(config))
+    model.config.use_cache = False
+    try:
+        add_adapter(model, config.adapter, name=ADAPTER_NAME)
+    except AdapterConfigError as err:
+        raise ConfigError(f"adapter section does not fit {config.model.name_or_path}: {err}") from err
+    vision = model.model.vision_tower
+    if any(p.requires_grad for p in vision.parameters()):  # pragma: no cover - add_adapter contract
+        raise RuntimeError("the vision tower must be frozen")
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The embeddings are frozen; make their output require grad so checkpointed blocks still backprop
+        # (needed with reentrant checkpointing, harmless without: what LLaVA does).
+        model.enable_input_require_grads()
+    model.train()
+    return model, processor
+
+
+def build_dataset(config: TrainingConfig, processor: Any, model: Any) -> LazySupervisedDataset:
+    from road_vlm.model import num_image_tokens
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    return LazySupervisedDataset(
+        config.data.path,
+        tokenizer=tokenizer,
+        image_processor=processor.image_processor,
+        num_image_tokens=num_image_tokens(processor),
+        image_token_id=model.config.image_token_id,
+        max_length=config.data.max_length,
+        image_folder=config.data.image_folder,
+        image_aspect_ratio=config.data.image_aspect_ratio,
+        on_bad_image=config.data.on_bad_image,
+    )
+
+
+def compute_loss(engine: Any, batch: dict[str, Any], *, projector: Any | None, pixel_dtype: torch.dtype) -> torch.Tensor:
+    """Mean token cross-entropy over supervised tokens (0, not NaN, for a batch with none)."""
+    device = engine.device
+    pixel_values = batch["pixel_values"]
+    outputs = engine(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        pixel_values=None if pixel_values is None else pixel_values.to(device, pixel_dtype),
+        use_cache=False,
+    )
+    logits = outputs.logits[:, :-1, :]
+    labels = batch["labels"][:, 1:].to(device)
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    loss = loss_sum / count
+    if projector is not None and pixel_values is None:
+        # All-text batch: the projector did not run, so ZeRO would wait forever for its gradients. A zero-weighted
+        # pass over a dummy feature keeps it in the graph without changing the loss (LLaVA's zero-length slice).
+        dummy = torch.zeros(1, 1, projector.linear_1.in_features, device=device, dtype=pixel_dtype)
+        loss = loss + 0.0 * projector(dummy).sum()
+    return loss
+
+
+def train(config: TrainingConfig) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns the summary (also written to summary.json)."""
+    import deepspeed
+
+    dist = init_distributed()
+    if dist.is_main:
+        logger.info("world size %d, device %s", dist.world_size, dist.device)
+    seed_everything(config.train.seed)
+    output_dir = Path(config.output.dir)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    resume_from = _first_error(dist, resolve_resume, config.train.resume, output_dir)
+    _prepare_demo_assets(config, dist)
+    raw_ds = _first_error(dist, read_deepspeed_json, config.deepspeed.config)
+    if config.output.report_to == "wandb":
+        _first_error(dist, _require_wandb)
+
+    model, processor = _first_error(dist, load_model_with_adapter, config)
+    dataset = _first_error(dist, build_dataset, config, processor, model)
+    if dist.is_main:
+        logger.info("data: %s", summarize_drops(dataset.stats))
+
+    from road_vlm.adapters import trainable_parameters
+
+    trainable, total = trainable_parameters(model)
+    hidden = model.config.text_config.hidden_size
+    ds_config = _first_error(dist, build_deepspeed_config, raw_ds, config, world_size=dist.world_size,
+                             hidden_size=hidden, source=config.deepspeed.config)
+    t = config.train
+    layout = BatchLayout(dist.world_size, t.per_device_batch_size, t.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(len(dataset), layout)
+    total_steps = t.max_steps if t.max_steps > 0 else per_epoch * t.num_epochs
+    warmup = warmup_steps(t.warmup_ratio, total_steps)
+    groups = param_groups(model, learning_rate=t.learning_rate, projector_lr=t.projector_lr,
+                          weight_decay=t.weight_decay)
+    optimizer = build_optimizer(groups, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                                cpu_offload=offloads_optimizer(ds_config))
+    scheduler = build_scheduler(optimizer, kind=t.lr_scheduler, warmup=warmup, total_steps=total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    if dist.is_main:
+        logger.info(
+            "trainable parameters %s / %s (%.4f%%); %d samples, global batch %d, %d steps (%d per epoch), warmup %d",
+            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, len(dataset), layout.global_batch,
+            total_steps, per_epoch, warmup,
+        )
+
+    state = TrainerState(max_steps=total_steps, steps_per_epoch=per_epoch, global_batch=layout.global_batch,
+                         world_size=dist.world_size)
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from, dist)
+        if state.global_batch != layout.global_batch or state.steps_per_epoch != per_epoch:
+            raise ConfigError(
+                f"cannot resume {resume_from}: it used global batch {state.global_batch} with {state.steps_per_epoch} "
+                f"steps/epoch, this run has {layout.global_batch} with {per_epoch}; keep the data and batch settings"
+            )
+        state.max_steps = total_steps
+        if dist.is_main:
+            logger.info("resumed from %s at step %d", resume_from, state.global_step)
+
+    projector = engine.module.model.multi_modal_projector if config.adapter.train_projector else None
+    pixel_dtype = next(engine.module.model.vision_tower.parameters()).dtype
+    collator = SupervisedCollator(pad_token_id=processor.tokenizer.pad_token_id, max_length=config.data.max_length)
+    reporter = Reporter(output_dir=output_dir, report_to=config.output.report_to, total_steps=total_steps,
+                        initial_step=state.global_step, enabled=dist.is_main, run_config=config.to_dict())
+    start_time = time.perf_counter()
+    start_step = state.global_step
+    last_saved = state.global_step if resume_from is not None else -1
+    skipped_local = 0
+    try:
+        while state.global_step < total_steps:
+            epoch, step_in_epoch = divmod(state.global_step, per_epoch)
+            order = epoch_order(
+                len(dataset), layout, seed=t.seed, epoch=epoch,
+                modality_lengths=dataset.modality_lengths if config.data.group_by_modality_length else None,
+            )
+            batches = rank_micro_batches(order, layout, dist.rank, start_step=step_in_epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches, collate_fn=collator, num_workers=config.data.num_workers,
+                # A private generator: creating loader iterators must not draw from the global torch RNG.
+                generator=torch.Generator().manual_seed(t.seed),
+            )
+            batch_iter = iter(loader)
+            for _ in range(step_in_epoch, per_epoch):
+                if state.global_step >= total_steps:
+                    break
+                step_start = time.perf_counter()
+                losses = []
+                for _micro in range(layout.grad_accum):
+                    batch = next(batch_iter)
+                    skipped_local += batch["num_skipped"]
+                    loss = compute_loss(engine, batch, projector=projector, pixel_dtype=pixel_dtype)
+                    engine.backward(loss)
+                    engine.step()
+                    losses.append(float(loss.detach()))
+                loss_sum, = all_reduce_sum([sum(losses) / len(losses)], dist.device)
+                state.global_step += 1
+                state.samples_seen += layout.global_batch
+                state.epoch = state.global_step / per_epoch
+                lrs = scheduler.get_last_lr()
+                state.learning_rate = float(lrs[0])
+                mean_loss = loss_sum / dist.world_size
+                record = {"step": state.global_step, "loss": mean_loss, "lr": state.learning_rate}
+                state.loss_history.append(record)
+                if state.global_step % t.logging_steps == 0 or state.global_step == total_steps:
+                    elapsed = time.perf_counter() - step_start
+                    reporter.log(state.global_step, {
+                        "loss": mean_loss, "lr": state.learning_rate, "epoch": state.epoch,
+                        "samples_per_second": layout.global_batch / max(elapsed, 1e-9),
+                    })
+                if state.global_step % t.save_steps == 0 or state.global_step == total_steps:
+                    state.skipped_samples += int(all_reduce_sum([float(skipped_local)], dist.device)[0])
+                    skipped_local = 0
+                    save_checkpoint(engine=engine, model=engine.module, config=config, state=state,
+                                    output_dir=output_dir, dist=dist, adapter_name=ADAPTER_NAME)
+                    last_saved = state.global_step
+    finally:
+        reporter.close()
+
+    if last_saved != state.global_step:  # e.g. resumed from the final checkpoint: nothing new to train
+        save_checkpoint(engine=engine, model=engine.module, config=config, state=state, output_dir=output_dir,
+                        dist=dist, adapter_name=ADAPTER_NAME)
+    train_seconds = time.perf_counter() - start_time
+    final = output_dir / f"checkpoint-{state.global_step}"
+    reload_check = None
+    if t.verify_final_adapter:
+        from road_vlm.train.verify import verify_saved_adapter
+
+        reload_check = verify_saved_adapter(
+            engine=engine, dataset=dataset, collator=collator, checkpoint=final,
+            base_model=config.model.name_or_path, dtype=_model_dtype(config), pixel_dtype=pixel_dtype,
+            output_dir=output_dir, dist=dist,
+        )
+        if dist.is_main:
+            logger.info("reloaded %s with load_vlm: max |logit diff| = %.3g on sample %s", final,
+                        reload_check["max_abs_diff"], reload_check["sample_id"])
+    history = state.loss_history
+    summary = {
+        "global_step": state.global_step,
+        "steps_this_run": state.global_step - start_step,
+        "samples_seen": state.samples_seen,
+        "epoch": state.epoch,
+        "train_seconds": train_seconds,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "first_loss": history[0]["loss"] if history else float("nan"),
+        "last_loss": history[-1]["loss"] if history else float("nan"),
+        "peak_memory": peak_memory_bytes(dist.device),
+        "world_size": dist.world_size,
+        "global_batch": layout.global_batch,
+        "zero_stage": int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        "skipped_samples": state.skipped_samples,
+        "data": dataset.stats.to_dict(),
+        "final_checkpoint": str(final),
+        "reload_check": reload_check,
+        "checkpoints": [str(p) for _, p in list_checkpoints(output_dir)] if dist.is_main else [],
+    }
+    if dist.is_main:
+        plot_loss(history, output_dir / "loss.png")
+        write_summary(output_dir / "summary.json", summary)
+        print(format_summary(summary), flush=True)
+    barrier()
+    return summary

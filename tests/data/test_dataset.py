@@ -1,0 +1,134 @@
+"""LLaVA instruction data: validation errors that name file/line/sample, drops that are counted, lazy images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from road_vlm.data.dataset import DataError, LazySupervisedDataset, read_records
+from road_vlm.data.template import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_llava_dir):
+    from road_vlm.model import load_base
+
+    model, proc = load_base(tiny_llava_dir)
+    return proc, model.config.image_token_id
+
+
+def _img_sample(sid: str, image: str = "a.png", q: str = "<image>\nWhat color is the circle?", a: str = "red") -> dict:
+    return {"id": sid, "image": image, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+
+
+def _text_sample(sid: str) -> dict:
+    return {"id": sid, "conversations": [{"from": "human", "value": "Which shape has three sides?"},
+                                         {"from": "gpt", "value": "A triangle."}]}
+
+
+def _write(tmp_path: Path, records: list, *, jsonl: bool = False, images: tuple[str, ...] = ("a.png",)) -> Path:
+    for name in images:
+        Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / name)
+    path = tmp_path / ("data.jsonl" if jsonl else "data.json")
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) if jsonl else json.dumps(records, indent=1))
+    return path
+
+
+def _dataset(path: Path, processor, **kw) -> LazySupervisedDataset:
+    proc, image_token_id = processor
+    kw.setdefault("max_length", 256)
+    return LazySupervisedDataset(path, tokenizer=proc.tokenizer, image_processor=proc.image_processor,
+                                 num_image_tokens=16, image_token_id=image_token_id, **kw)
+
+
+def test_image_and_text_samples_load_with_lazy_images(tmp_path, processor):
+    path = _write(tmp_path, [_img_sample("i1", q="What color is the circle?\n<image>"), _text_sample("t1")], jsonl=True)
+    ds = _dataset(path, processor)
+    assert len(ds) == 2 and ds.stats.num_image_samples == 1 and ds.stats.num_text_samples == 1
+    assert ds.modality_lengths[0] > 0 > ds.modality_lengths[1]
+    item = ds[0]
+    assert item["id"] == "i1" and item["pixel_values"].shape == (3, 32, 32)
+    assert (item["input_ids"] == processor[1]).sum() == 16  # <image> (moved to the front) expanded to 16 ids
+    assert (item["labels"] != IGNORE_INDEX).any()
+    assert ds[1]["pixel_values"] is None
+
+
+@pytest.mark.parametrize("content, match", [
+    ('[{"id": "a", "conversations": []},\n  {"id": "b" "conversations": []}]', r"data\.json:2:\d+: malformed JSON"),
+])
+def test_malformed_json_array_names_the_line(tmp_path, content, match):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        read_records(path)
+
+
+def test_malformed_jsonl_line_names_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(_text_sample("ok")) + "\n" + '{"id": "broken", "conversations": [\n')
+    with pytest.raises(DataError, match=r"data\.jsonl:2: malformed JSON line"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"id": "s1", "image": "a.png"}, r"record 1 \(id s1\): missing 'conversations'"),
+    ({"id": "s2", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
+     r"id s2.*turn 0 is from 'gpt'"),
+    ({"id": "s3", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+     r"id s3.*turn 1 is from 'human'"),
+    ({"id": "s4", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]},
+     r"id s4.*'<image>' appears .* no 'image' field"),
+    (_img_sample("s5", q="What color is it?"), r"id s5.*must contain '<image>'"),
+    ("not an object", r"record 1: a sample must be a JSON object"),
+])
+def test_bad_records_name_the_sample(tmp_path, processor, record, match):
+    path = _write(tmp_path, [_text_sample("fine"), record])
+    with pytest.raises(DataError, match=match):
+        _dataset(path, processor)
+
+
+def test_missing_image_is_an_error_or_a_counted_skip(tmp_path, processor):
+    path = _write(tmp_path, [_img_sample("has"), _img_sample("lost", image="nope/missing.png"), _text_sample("t")],
+                  jsonl=True)
+    with pytest.raises(DataError, match=r"data\.jsonl:2 \(id lost\): image file not found: .*missing\.png"):
+        _dataset(path, processor)
+    ds = _dataset(path, processor, on_bad_image="skip")
+    assert len(ds) == 2 and ds.stats.dropped == {"image file missing": ["lost"]}
+
+
+def test_unreadable_image_fails_at_load_time_or_is_skipped_without_supervision(tmp_path, processor):
+    path = _write(tmp_path, [_img_sample("bad", image="bad.png"), _text_sample("t")])
+    (tmp_path / "bad.png").write_bytes(b"definitely not a png")
+    ds = _dataset(path, processor)  # existence is checked up front, decoding is lazy
+    with pytest.raises(DataError, match=r"id bad.*bad\.png"):
+        ds[0]
+    item = _dataset(path, processor, on_bad_image="skip")[0]
+    assert item["skipped"] and (item["labels"] == IGNORE_INDEX).all()
+    assert item["pixel_values"].shape == (3, 32, 32) and torch.count_nonzero(item["pixel_values"]) == 0
+
+
+def test_image_tokens_beyond_max_length_are_dropped_and_counted(tmp_path, processor):
+    # With the tiny tokenizer the system prompt + 16 image tokens end at position 42; the text sample has 34 tokens.
+    long_text = {"id": "long", "conversations": [{"from": "human", "value": "Which shape has three sides?"},
+                                                 {"from": "gpt", "value": "A triangle. " * 8}]}
+    path = _write(tmp_path, [_text_sample("t"), _img_sample("cut"), long_text])
+    ds = _dataset(path, processor, max_length=40)
+    assert [ds.sample_id(i) for i in range(len(ds))] == ["t", "long"]
+    assert ds.stats.dropped == {"image tokens would be cut at max_length": ["cut"]}
+    # Text is truncated like LLaVA does, but counted and reported.
+    assert ds.stats.truncated_ids == ["long"] and len(ds[1]["input_ids"]) == 40
+    assert ds.stats.to_dict()["num_dropped"] == 1
+
+
+def test_empty_dataset_after_filtering_is_an_error(tmp_path, processor):
+    path = _write(tmp_path, [_img_sample("gone", image="missing.png")])
+    with pytest.raises(DataError, match=r"no usable samples left.*image file missing"):
+        _dataset(path, processor, on_bad_image="skip")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no usable samples"):
+        _dataset(empty, processor)

@@ -1,0 +1,76 @@
+"""Serving fixtures: adapters with random (non-identity) parameters on the session's tiny LLaVA, and one engine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+# group_size 8 divides every tiny d_out (64, 128); LoRA rank 4 keeps the files small.
+ADAPTERS = {
+    "road4": dict(variant="road4", train_projector=False, seed=1),
+    "road1proj": dict(variant="road1", train_projector=True, seed=2),  # also trains the projector
+    "lora": dict(variant="lora", train_projector=False, seed=3),
+    "hybrid": dict(variant="road1_lora", train_projector=False, seed=4),
+}
+
+
+def make_adapter(base: Path, out: Path, *, variant: str, train_projector: bool, seed: int) -> Path:
+    """add_adapter on the tiny base, randomise its parameters (so adapters really differ), save_adapter."""
+    from road_vlm.adapters import AdapterConfig, adapted_layers, add_adapter, save_adapter
+    from road_vlm.data.template import PromptFormat
+    from road_vlm.model import load_base
+
+    model, _ = load_base(base)
+    name = "default"
+    config = AdapterConfig(variant=variant, group_size=8, lora_r=4, lora_alpha=8.0, train_projector=train_projector)
+    add_adapter(model, config, name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            for param in layer.adapter_parameters(name).values():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+        if train_projector:
+            for param in model.model.multi_modal_projector.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    save_adapter(model, out, name)
+    PromptFormat().save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve_adapters")
+    return {name: make_adapter(tiny_llava_dir, root / name, **spec) for name, spec in ADAPTERS.items()}
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_llava_dir: Path, adapter_dirs: dict[str, Path]):
+    """One base + road4, road1proj and lora adapters, shared by the server tests."""
+    from road_vlm.serving import ServingEngine
+
+    served = {name: adapter_dirs[name] for name in ("road4", "road1proj", "lora")}
+    return ServingEngine.load(tiny_llava_dir, served, base_name="base")
+
+
+@pytest.fixture(scope="session")
+def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A non-square image (so LLaVA's pad preprocessing matters)."""
+    path = tmp_path_factory.mktemp("serve_images") / "red_green.png"
+    image = Image.new("RGB", (48, 32), (200, 20, 20))
+    image.paste((20, 180, 40), (24, 0, 48, 32))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def serve_cli() -> argparse.ArgumentParser:
+    """A parser with only the serving subcommands (what road_vlm/cli.py builds from register())."""
+    from road_vlm.serve.commands import register
+
+    parser = argparse.ArgumentParser(prog="road-vlm")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser

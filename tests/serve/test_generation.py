@@ -1,0 +1,123 @@
+"""The shared generation helper: prompts, per-row streaming, per-row sampling/limits, context checks."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from road_vlm.data.images import load_image
+from road_vlm.data.template import PromptFormat, encode_prompt
+from road_vlm.model import load_vlm, num_image_tokens
+from road_vlm.serve.generation import (
+    GenerationRequest,
+    PromptTooLongError,
+    SamplingError,
+    SamplingParams,
+    StreamedGeneration,
+    generate_batch,
+    prepare_prompt,
+)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_llava_dir):
+    return load_vlm(tiny_llava_dir)
+
+
+def test_prepare_prompt_uses_template_and_pad_preprocessing(base, image_path):
+    model, processor, fmt = base
+    image = load_image(image_path)
+    prompt = prepare_prompt(model, processor, fmt, [], "What is in the image?", image)
+    expected = encode_prompt(processor.tokenizer, [], "What is in the image?", has_image=True,
+                             num_image_tokens=num_image_tokens(processor), image_token_id=model.config.image_token_id)
+    assert prompt.input_ids == expected
+    assert prompt.pixel_values.shape == (1, 3, 32, 32)
+    # "pad": the 48x32 image is centred on a square of the CLIP mean colour, so the top rows are that colour
+    # (normalised mean = 0), not the image's red.
+    assert torch.allclose(prompt.pixel_values[0, :, 0, :], torch.zeros(3, 32), atol=0.02)
+    cropped = prepare_prompt(model, processor, replace(fmt, image_aspect_ratio="crop"), [], "q?", image)
+    assert not torch.allclose(cropped.pixel_values, prompt.pixel_values)
+
+
+def test_streamer_emits_several_pieces_that_join_to_the_answer(base):
+    model, processor, fmt = base
+    prompt = prepare_prompt(model, processor, fmt, [], "Describe the image briefly.")
+    pieces: list[str] = []
+    request = GenerationRequest(prompt, sampling=SamplingParams(max_new_tokens=10), on_text=pieces.append)
+    (result,) = generate_batch(model, processor.tokenizer, [request])
+    assert len(pieces) > 1
+    assert "".join(pieces) == result.text
+    assert result.completion_tokens == 10 and result.finish_reason == "length"
+
+    streamed = StreamedGeneration(model, processor.tokenizer,
+                                  GenerationRequest(prompt, sampling=SamplingParams(max_new_tokens=10)))
+    chunks = list(streamed)
+    assert len(chunks) > 1 and "".join(chunks) == result.text
+    assert streamed.result.token_ids == result.token_ids
+
+
+def test_greedy_rows_answer_the_same_in_a_mixed_batch_as_alone(base, image_path):
+    model, processor, fmt = base
+    image = load_image(image_path)
+    with_image = prepare_prompt(model, processor, fmt, [], "What is in the image?", image)
+    text_only = prepare_prompt(model, processor, fmt, [("Hi", "Hello there.")], "Describe the image briefly.")
+    alone = [
+        generate_batch(model, processor.tokenizer, [GenerationRequest(p, sampling=SamplingParams(max_new_tokens=n))])[0]
+        for p, n in ((with_image, 7), (text_only, 4))
+    ]
+    batch = generate_batch(model, processor.tokenizer, [
+        GenerationRequest(text_only, sampling=SamplingParams(temperature=1.3, top_p=0.9, max_new_tokens=9)),
+        GenerationRequest(with_image, sampling=SamplingParams(max_new_tokens=7)),
+        GenerationRequest(text_only, sampling=SamplingParams(max_new_tokens=4)),
+    ])
+    assert batch[1].token_ids == alone[0].token_ids
+    assert batch[2].token_ids == alone[1].token_ids
+    assert [r.completion_tokens for r in batch[1:]] == [7, 4]  # each row stops at its own limit
+    assert batch[0].completion_tokens <= 9
+
+
+def test_eos_ends_a_row_with_finish_reason_stop(base):
+    model, processor, fmt = base
+    prompt = prepare_prompt(model, processor, fmt, [], "Describe the image briefly.")
+    eos = processor.tokenizer.eos_token_id
+
+    class ForceEos:
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, eos] = 0.0
+            return forced
+
+    from transformers import LogitsProcessorList
+
+    original = model.generate
+
+    def generate_with_eos(**kwargs):
+        kwargs["logits_processor"] = LogitsProcessorList([ForceEos()])
+        return original(**kwargs)
+
+    model.generate = generate_with_eos
+    try:
+        (result,) = generate_batch(model, processor.tokenizer, [GenerationRequest(prompt)])
+    finally:
+        del model.generate
+    assert result.finish_reason == "stop" and result.token_ids == [] and result.text == ""
+
+
+def test_prompt_beyond_the_context_limit_is_refused(base):
+    model, processor, _ = base
+    short = PromptFormat(max_length=40)
+    with pytest.raises(PromptTooLongError, match=r"context limit of 40 tokens"):
+        prepare_prompt(model, processor, short, [], "Describe the image briefly. " * 10)
+    # An answer never runs past the limit either.
+    prompt = prepare_prompt(model, processor, short, [], "Describe it.")
+    (result,) = generate_batch(model, processor.tokenizer,
+                               [GenerationRequest(prompt, sampling=SamplingParams(max_new_tokens=500))])
+    assert prompt.num_tokens + result.completion_tokens == 40 and result.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0)])
+def test_bad_sampling_settings_are_refused(kwargs):
+    with pytest.raises(SamplingError):
+        SamplingParams(**kwargs)
