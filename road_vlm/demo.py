@@ -174,12 +174,16 @@ def run_demo(
 
 
 def _chat_once(base: Path, checkpoint: Path, eval_dir: Path) -> dict[str, str]:
-    from road_vlm.serve.chat import answer_once
+    from road_vlm.model import load_vlm
+    from road_vlm.serve.chat import ChatSession
 
     image = sorted((eval_dir / "gqa" / "data" / "images").glob("*.png"))[0]
     question = "What color is the shape? Answer the question using a single word or phrase."
-    answer = answer_once(model=str(base), adapter=str(checkpoint), image=str(image), prompt=question)
-    print(f"   image: {image}\n   USER: {question}\n   ASSISTANT: {answer}", flush=True)
+    session = ChatSession(load_vlm(base, checkpoint), adapter=str(checkpoint))
+    session.set_image(image)
+    print(f"   image: {image}\n   USER: {question}\n   ASSISTANT: ", end="", flush=True)
+    answer = session.ask(question, on_text=lambda piece: print(piece, end="", flush=True)).text
+    print(flush=True)
     return {"image": str(image), "question": question, "answer": answer}
 
 

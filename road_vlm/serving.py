@@ -8,7 +8,7 @@ from road_vlm.serve.batching import (
     ServingEngine,
     UnknownAdapterError,
 )
-from road_vlm.serve.generation import (
+from road_vlm.generation import (
     GenerationRequest,
     GenerationResult,
     PreparedPrompt,

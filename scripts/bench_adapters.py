@@ -284,7 +284,8 @@ def main() -> None:
             if args.progress:
                 print(json.dumps(merge_rows[-1]), flush=True)
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name() if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "threads": args.threads,
         "dtype": args.dtype,
         "torch": torch.__version__,

@@ -77,6 +77,8 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     device = "cuda" if args.preset == "7b" else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--preset 7b needs a CUDA GPU")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -134,6 +136,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "total_parameters": total,
         "trainable_percent": 100.0 * trainable / total,
         "step_seconds_median": statistics.median(times),
+        "step_seconds_min": min(times),
         "step_seconds": times,
         **peak,
     }
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # internal: one method, this process
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (8 if args.preset == "tiny" else 4)
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--method", method, "--preset", args.preset, "--batch-size",
                str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": args.threads or torch.get_num_threads(),
         "results": results,
     }
     print(json.dumps(report, indent=2))

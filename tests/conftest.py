@@ -20,3 +20,12 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from road_vlm.tiny import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "base", corpus=tokenizer_corpus())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tiny models are dominated by per-op overhead; with 2 threads on a busy 2-core machine a forward pass
+    can take 30x longer than with one."""
+    import torch
+
+    torch.set_num_threads(1)

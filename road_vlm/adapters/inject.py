@@ -68,7 +68,9 @@ def projector(model: nn.Module) -> tuple[str, nn.Module]:
     """``(dotted path, module)`` of the multimodal projector."""
     found = _find(model, _PROJECTOR_PATHS)
     if found is None:
-        raise AdapterConfigError(f"{type(model).__name__} has no multimodal projector at any of {list(_PROJECTOR_PATHS)}")
+        raise AdapterConfigError(
+            f"{type(model).__name__} has no multimodal projector at any of {list(_PROJECTOR_PATHS)}"
+        )
     return found
 
 

@@ -54,7 +54,12 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
 KEY_PREFIX = "base_model.model."
-_KIND_SUFFIX = {"road_theta": "road_theta", "road_alpha": "road_alpha", "lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+_KIND_SUFFIX = {
+    "road_theta": "road_theta",
+    "road_alpha": "road_alpha",
+    "lora_A": "lora_A.weight",
+    "lora_B": "lora_B.weight",
+}
 _MAX_LISTED = 10
 
 

@@ -91,29 +91,59 @@ def _rotate_into(out: torch.Tensor, y: torch.Tensor, c1: torch.Tensor, s2: torch
     ov[..., 1, :] += yv[..., 0, :] * s2v[..., 1, :]
 
 
-def apply_rotation_fast(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Bit-for-bit the result of :func:`apply_rotation` without materialising the swapped copy of y.
+def _rotate_in_place_fused(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
+    yv, c1v, s2v = (_grouped(t, group_size) for t in (y, c1, s2))
+    first, second = yv[..., 0, :], yv[..., 1, :]
+    first_old = first.clone()
+    first.mul_(c1v[..., 0, :]).addcmul_(second, s2v[..., 0, :])
+    second.mul_(c1v[..., 1, :]).addcmul_(first_old, s2v[..., 1, :])
 
-    Products are rounded before the sum exactly as in ``y * c1 + rotate_half(y) * c2`` (no fused multiply-add),
-    so outputs match PEFT's RoAd exactly. In-place writes into the fresh output make it unsuitable for autograd;
-    the caller uses it only when no gradient is needed (inference / decode).
 
-    On the CPU, large [batch, tokens, d] activations (prefill) are processed in blocks of about 4 MiB so the
-    three passes run out of cache (~1.3x faster in an interleaved A/B at 16 x 256 x 4096 and 16 x 64 x 11008 fp32
-    on the 2-core dev machine). The blocks are slices of rows: the work does not depend on how many adapters
-    the batch mixes.
-    """
+def _blocked(inner, y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Run ``inner`` into a fresh output; on the CPU, large [batch, tokens, d] activations (prefill) go in
+    blocks of about 4 MiB so the passes run out of cache (~1.3x faster in an interleaved A/B at 16 x 256 x 4096
+    and 16 x 64 x 11008 fp32 on the 2-core dev machine). Blocks are slices of rows: the work does not depend on
+    how many adapters the batch mixes."""
     out = torch.empty(torch.broadcast_shapes(y.shape, c1.shape), dtype=y.dtype, device=y.device)
     if y.dim() != 3 or y.device.type != "cpu" or y.numel() * y.element_size() <= 2 * _CPU_BLOCK_BYTES:
-        _rotate_into(out, y, c1, s2, group_size)
+        inner(out, y, c1, s2, group_size)
         return out
     c1e, s2e = c1.expand(y.shape), s2.expand(y.shape)
     rows = max(1, _CPU_BLOCK_BYTES // (y.shape[-1] * y.element_size()))
     for b in range(y.shape[0]):
         for r0 in range(0, y.shape[1], rows):
             blk = (b, slice(r0, r0 + rows))
-            _rotate_into(out[blk], y[blk], c1e[blk], s2e[blk], group_size)
+            inner(out[blk], y[blk], c1e[blk], s2e[blk], group_size)
     return out
+
+
+def apply_rotation_fast(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Bit-for-bit the result of :func:`apply_rotation` without materialising the swapped copy of y.
+
+    Products are rounded before the sum exactly as in ``y * c1 + rotate_half(y) * c2`` (no fused multiply-add),
+    so single-adapter outputs match PEFT's RoAd exactly (files interoperate with identical logits). In-place
+    writes into the fresh output make it unsuitable for autograd: used only when no gradient is needed.
+    """
+    return _blocked(_rotate_into, y, c1, s2, group_size)
+
+
+def apply_rotation_fused_(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
+    """In-place ``y <- R y`` with fused multiply-adds (results may differ from the exact form in the last bit).
+
+    The serving hot path (mixed-adapter batches): no output allocation (a fresh multi-MB buffer per layer costs
+    page faults on the CPU), one temporary half block, and on the CPU 4 MiB row blocks so the passes stay in
+    cache. ``y`` must be a tensor the caller owns (the layer's fresh output). No autograd.
+    """
+    if y.dim() != 3 or y.device.type != "cpu" or y.numel() * y.element_size() <= 2 * _CPU_BLOCK_BYTES:
+        _rotate_in_place_fused(y, c1.expand(y.shape), s2.expand(y.shape), group_size)
+        return y
+    c1e, s2e = c1.expand(y.shape), s2.expand(y.shape)
+    rows = max(1, _CPU_BLOCK_BYTES // (y.shape[-1] * y.element_size()))
+    for b in range(y.shape[0]):
+        for r0 in range(0, y.shape[1], rows):
+            blk = (b, slice(r0, r0 + rows))
+            _rotate_in_place_fused(y[blk], c1e[blk], s2e[blk], group_size)
+    return y
 
 
 def rotate_rows(weight: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -133,8 +133,113 @@ def modality_length(conversations: list[dict[str, Any]], has_image: bool) -> int
     return words if has_image else -words
 
 
+def _features():
+    from datasets import Features, Sequence, Value
+
+    return Features({
+        "order": Value("int64"),  # record index in the data file: shards are merged back into file order
+        "id": Value("string"),
+        "image": Value("string"),
+        "input_ids": Sequence(Value("int32")),
+        "labels": Sequence(Value("int32")),
+        "modality_length": Value("int64"),
+    })
+
+
+def encode_shard(
+    data_path: str | Path,
+    *,
+    tokenizer: Any,
+    num_image_tokens: int,
+    image_token_id: int,
+    max_length: int = 2048,
+    image_folder: str | Path | None = None,
+    on_bad_image: str = "error",
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> tuple[Any, DataStats]:
+    """Validate every record, then check images and tokenise records ``shard_index::num_shards``.
+
+    Returns the shard as a ``datasets.Dataset`` and its stats (``num_records`` counts the whole file). Training
+    processes each encode one shard and merge them with ``merge_shards``, so start-up tokenisation of a 665k-sample
+    file is split across ranks instead of repeated by each.
+    """
+    import datasets
+
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+    data_path = Path(data_path)
+    folder = Path(image_folder) if image_folder is not None else data_path.parent
+    records = read_records(data_path)  # every rank validates the whole file's structure: cheap, and fails alike
+    stats = DataStats(num_records=len(records))
+    columns: dict[str, list[Any]] = {name: [] for name in _features()}
+    for order in range(shard_index, len(records), num_shards):
+        rec = records[order]
+        if rec.image is not None:
+            image_path = folder / rec.image
+            # Existence only: decoding every image up front would cost as much as an epoch of data loading.
+            if not image_path.is_file():
+                if on_bad_image == "error":
+                    raise DataError(
+                        f"{rec.where}: image file not found: {image_path} (set data.on_bad_image=skip to skip)"
+                    )
+                stats.dropped.setdefault("image file missing", []).append(rec.sample_id)
+                continue
+        try:
+            enc = encode_training_sample(
+                tokenizer,
+                rec.conversations,
+                has_image=rec.image is not None,
+                num_image_tokens=num_image_tokens,
+                image_token_id=image_token_id,
+                max_length=max_length,
+            )
+        except LabelingError as err:
+            # Structure was validated in read_records, so what is left is length: drop and count.
+            reason = ("image tokens would be cut at max_length" if "image tokens" in str(err)
+                      else f"cannot be labelled: {err}")
+            stats.dropped.setdefault(reason, []).append(rec.sample_id)
+            continue
+        if enc.truncated:
+            stats.truncated_ids.append(rec.sample_id)
+        for name, value in (("order", order), ("id", rec.sample_id), ("image", rec.image),
+                            ("input_ids", enc.input_ids), ("labels", enc.labels),
+                            ("modality_length", modality_length(rec.conversations, rec.image is not None))):
+            columns[name].append(value)
+    stats.num_truncated = len(stats.truncated_ids)
+    return datasets.Dataset.from_dict(columns, features=_features()), stats
+
+
+def merge_shards(parts: list[tuple[Any, DataStats]], data_path: str | Path) -> tuple[Any, DataStats]:
+    """Concatenate encoded shards back into file order and add up their stats; no sample left is an error."""
+    import datasets
+
+    stats = DataStats(num_records=parts[0][1].num_records)
+    for _, part in parts:
+        for reason, ids in part.dropped.items():
+            stats.dropped.setdefault(reason, []).extend(ids)
+        stats.truncated_ids.extend(part.truncated_ids)
+    samples = datasets.concatenate_datasets([p for p, _ in parts]).sort("order")
+    stats.num_truncated = len(stats.truncated_ids)
+    stats.num_samples = len(samples)
+    stats.num_image_samples = sum(1 for image in samples["image"] if image is not None)
+    stats.num_text_samples = stats.num_samples - stats.num_image_samples
+    for reason, ids in stats.dropped.items():
+        logger.warning("%s: dropped %d sample(s) [%s], e.g. %s", data_path, len(ids), reason, ids[:5])
+    if not len(samples):
+        raise DataError(
+            f"{data_path}: no usable samples left after filtering "
+            f"({stats.num_records} records, dropped: { {k: len(v) for k, v in stats.dropped.items()} })"
+        )
+    return samples, stats
+
+
 class LazySupervisedDataset(torch.utils.data.Dataset):
-    """Tokenised LLaVA samples (a ``datasets.Dataset``) + image paths; images are decoded on access."""
+    """Tokenised LLaVA samples (a ``datasets.Dataset``) + image paths; images are decoded on access.
+
+    ``LazySupervisedDataset(path, ...)`` encodes the whole file in this process; training processes build it with
+    ``from_samples`` from shards encoded in parallel (see ``encode_shard``).
+    """
 
     def __init__(
         self,
@@ -149,8 +254,34 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         image_aspect_ratio: str = "pad",
         on_bad_image: str = "error",
     ) -> None:
-        import datasets
+        shard = encode_shard(
+            data_path, tokenizer=tokenizer, num_image_tokens=num_image_tokens, image_token_id=image_token_id,
+            max_length=max_length, image_folder=image_folder, on_bad_image=on_bad_image,
+        )
+        samples, stats = merge_shards([shard], data_path)
+        self._setup(samples, stats, data_path=data_path, image_processor=image_processor, image_folder=image_folder,
+                    image_aspect_ratio=image_aspect_ratio, on_bad_image=on_bad_image)
 
+    @classmethod
+    def from_samples(
+        cls,
+        samples: Any,
+        stats: DataStats,
+        *,
+        data_path: str | Path,
+        image_processor: Any,
+        image_folder: str | Path | None = None,
+        image_aspect_ratio: str = "pad",
+        on_bad_image: str = "error",
+    ) -> LazySupervisedDataset:
+        """Wrap already encoded samples (``merge_shards`` output)."""
+        self = cls.__new__(cls)
+        self._setup(samples, stats, data_path=data_path, image_processor=image_processor, image_folder=image_folder,
+                    image_aspect_ratio=image_aspect_ratio, on_bad_image=on_bad_image)
+        return self
+
+    def _setup(self, samples: Any, stats: DataStats, *, data_path: str | Path, image_processor: Any,
+               image_folder: str | Path | None, image_aspect_ratio: str, on_bad_image: str) -> None:
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         self.data_path = Path(data_path)
@@ -158,65 +289,12 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         self.image_processor = image_processor
         self.image_aspect_ratio = image_aspect_ratio
         self.on_bad_image = on_bad_image
-        self.stats = DataStats()
-        dropped: dict[str, list[str]] = {}
-
-        records = read_records(self.data_path)
-        self.stats.num_records = len(records)
-        rows: list[dict[str, Any]] = []
-        for rec in records:
-            if rec.image is not None:
-                image_path = self.image_folder / rec.image
-                # Existence only: decoding every image up front would cost as much as an epoch of data loading.
-                if not image_path.is_file():
-                    if on_bad_image == "error":
-                        raise DataError(
-                            f"{rec.where}: image file not found: {image_path} (set data.on_bad_image=skip to skip)"
-                        )
-                    dropped.setdefault("image file missing", []).append(rec.sample_id)
-                    continue
-            try:
-                enc = encode_training_sample(
-                    tokenizer,
-                    rec.conversations,
-                    has_image=rec.image is not None,
-                    num_image_tokens=num_image_tokens,
-                    image_token_id=image_token_id,
-                    max_length=max_length,
-                )
-            except LabelingError as err:
-                # Structure was validated in read_records, so what is left is length: drop and count.
-                reason = ("image tokens would be cut at max_length" if "image tokens" in str(err)
-                          else f"cannot be labelled: {err}")
-                dropped.setdefault(reason, []).append(rec.sample_id)
-                continue
-            if enc.truncated:
-                self.stats.truncated_ids.append(rec.sample_id)
-            rows.append({
-                "id": rec.sample_id,
-                "image": rec.image,
-                "input_ids": enc.input_ids,
-                "labels": enc.labels,
-                "modality_length": modality_length(rec.conversations, rec.image is not None),
-            })
-        self.stats.dropped = dropped
-        self.stats.num_truncated = len(self.stats.truncated_ids)
-        for reason, ids in dropped.items():
-            logger.warning("%s: dropped %d sample(s) [%s], e.g. %s", self.data_path, len(ids), reason, ids[:5])
-        if not rows:
-            raise DataError(
-                f"{self.data_path}: no usable samples left after filtering "
-                f"({self.stats.num_records} records, dropped: { {k: len(v) for k, v in dropped.items()} })"
-            )
+        self.stats = stats
         # Arrow-backed storage keeps 665k tokenised samples compact and shareable with DataLoader workers.
-        self.samples = datasets.Dataset.from_list(rows)
-        self.samples.set_format(type=None)
-        self._images: list[str | None] = list(self.samples["image"])
-        self._ids: list[str] = list(self.samples["id"])
-        self.modality_lengths: list[int] = list(self.samples["modality_length"])
-        self.stats.num_samples = len(rows)
-        self.stats.num_image_samples = sum(1 for im in self._images if im is not None)
-        self.stats.num_text_samples = self.stats.num_samples - self.stats.num_image_samples
+        self.samples = samples
+        self._images: list[str | None] = list(samples["image"])
+        self._ids: list[str] = list(samples["id"])
+        self.modality_lengths: list[int] = list(samples["modality_length"])
 
     def __len__(self) -> int:
         return len(self._ids)

@@ -42,14 +42,14 @@ def _split_to_even_chunks(indices: list[int], lengths: list[int], num_chunks: in
     return chunks
 
 
-def _length_grouped(lengths: list[int], pool: list[int], batch: int, chunks: int, gen: torch.Generator) -> list[list[int]]:
-    """Shuffle ``pool``, cut it into megabatches, sort each by length (desc), split into balanced chunks."""
+def _length_grouped(sizes: list[int], pool: list[int], batch: int, chunks: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffle ``pool``, cut it into megabatches, sort each by size (desc), split into balanced chunks."""
     perm = [pool[i] for i in torch.randperm(len(pool), generator=gen).tolist()]
     mega = batch * chunks
     out = []
     for start in range(0, len(perm), mega):
-        megabatch = sorted(perm[start:start + mega], key=lambda i: abs(lengths[i]), reverse=True)
-        out.append([i for chunk in _split_to_even_chunks(megabatch, [abs(x) for x in lengths], chunks) for i in chunk])
+        megabatch = sorted(perm[start:start + mega], key=lambda i: sizes[i], reverse=True)
+        out.append([i for chunk in _split_to_even_chunks(megabatch, sizes, chunks) for i in chunk])
     return out
 
 
@@ -59,14 +59,15 @@ def modality_grouped_order(lengths: list[int], layout: BatchLayout, gen: torch.G
     if any(x == 0 for x in lengths):
         raise ValueError("modality lengths must be non-zero (positive: image samples, negative: text-only)")
     chunks = layout.world_size * layout.grad_accum
+    sizes = [abs(x) for x in lengths]
     image_pool = [i for i, x in enumerate(lengths) if x > 0]
     text_pool = [i for i, x in enumerate(lengths) if x < 0]
     if not image_pool or not text_pool:
-        return [i for mb in _length_grouped(lengths, list(range(len(lengths))), layout.micro_batch, chunks, gen)
+        return [i for mb in _length_grouped(sizes, list(range(len(lengths))), layout.micro_batch, chunks, gen)
                 for i in mb]
     mega = layout.micro_batch * chunks
-    image_mbs = _length_grouped(lengths, image_pool, layout.micro_batch, chunks, gen)
-    text_mbs = _length_grouped(lengths, text_pool, layout.micro_batch, chunks, gen)
+    image_mbs = _length_grouped(sizes, image_pool, layout.micro_batch, chunks, gen)
+    text_mbs = _length_grouped(sizes, text_pool, layout.micro_batch, chunks, gen)
     leftovers = []
     full = []
     for mbs in (image_mbs, text_mbs):

@@ -299,13 +299,12 @@ def textvqa_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
     return f"{question}\n{OCR_PREFIX}{', '.join(tokens)}", spec.word
 
 
-def scene_question(rng: random.Random) -> tuple[str, str]:
-    """A text-only question in one of the four benchmark formats about a scene given as a caption.
+def scene_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
+    """A text-only question in one of the four benchmark formats about ``spec`` given as a caption.
 
     The tiny base learns from these what a base LLM already knows (answer formats, reading a described
     scene); RoAd tuning then has to teach it to answer the same questions from the image instead.
     """
-    spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
     scene = f"Scene: {caption(spec)}"
     if spec.word is not None:
         q, a = textvqa_question(spec, rng)
@@ -485,7 +484,8 @@ def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int 
         pretrain.append({"id": f"pretrain-{i:06d}", "image": new_image(spec),
                          "conversations": [_human(CAPTION_PROMPT, True), _gpt(caption(spec))]})
     for i in range(num_pretrain):
-        text, answer = scene_question(rng)
+        spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
+        text, answer = scene_question(spec, rng)
         pretrain.append({"id": f"scene-{i:06d}", "conversations": [_human(text, False), _gpt(answer)]})
     _write_json(root / "instruct.json", instruct)
     _write_json(root / "pretrain.json", pretrain)

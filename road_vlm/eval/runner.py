@@ -9,13 +9,11 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from road_vlm.data.images import load_image, preprocess_images
-from road_vlm.data.template import encode_prompt
+from road_vlm.data.images import load_image
 from road_vlm.eval.common import EvalQuestion
 from road_vlm.eval.predictions import (
     PREDICTIONS_FILE,
@@ -24,7 +22,8 @@ from road_vlm.eval.predictions import (
     merge,
     shard_file,
 )
-from road_vlm.model import LoadedVLM, num_image_tokens
+from road_vlm.generation import GenerationRequest, SamplingParams, generate_batch, prepare_prompt
+from road_vlm.model import LoadedVLM
 
 logger = logging.getLogger(__name__)
 
@@ -46,52 +45,23 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _image_token_id(loaded: LoadedVLM) -> int:
-    config = loaded.model.config
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    token_id = loaded.processor.tokenizer.convert_tokens_to_ids("<image>")
-    if not isinstance(token_id, int) or token_id == loaded.processor.tokenizer.unk_token_id:
-        raise ValueError("cannot find the <image> token id in the model config or tokenizer")
-    return token_id
+def answer_batch(loaded: LoadedVLM, batch: list[EvalQuestion]) -> tuple[list[str], int]:
+    """Greedy answers for one batch and the number of tokens generated.
 
-
-@torch.inference_mode()
-def generate_batch(loaded: LoadedVLM, batch: list[EvalQuestion]) -> tuple[list[str], int]:
-    """Greedy answers for one batch (left padding) and the number of tokens generated.
-
-    Text-only rows (ScienceQA) get no image; the images of the other rows are passed in row
-    order, which is the order LLaVA's forward fills the ``<image>`` positions in.
+    Goes through the package's one generation path (road_vlm.generation): prompts built as in training,
+    left padding, one ``generate()`` call. Text-only rows (ScienceQA) get no image.
     """
     model, processor, prompt_format = loaded
-    tokenizer = processor.tokenizer
-    n_image_tokens = num_image_tokens(processor)
-    image_token_id = _image_token_id(loaded)
-    prompts = [encode_prompt(tokenizer, [], q.question, has_image=q.image is not None,
-                             num_image_tokens=n_image_tokens, image_token_id=image_token_id) for q in batch]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an unk token to pad batches with")
-    width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    kwargs: dict[str, Any] = {}
-    images = [load_image(q.image) for q in batch if q.image is not None]
-    if images:
-        pixels = preprocess_images(processor.image_processor, images, prompt_format.image_aspect_ratio)
-        kwargs["pixel_values"] = pixels.to(device=device, dtype=model.dtype)
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
-        max_new_tokens=max(q.max_new_tokens for q in batch), pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id, use_cache=True, **kwargs,
-    )
-    new_tokens = out[:, width:]  # HF generate returns prompt + continuation
-    generated = int((new_tokens != pad_id).sum())
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [t.strip() for t in texts], generated
+    requests = [
+        GenerationRequest(
+            prompt=prepare_prompt(model, processor, prompt_format, [], q.question,
+                                  load_image(q.image) if q.image is not None else None),
+            sampling=SamplingParams(temperature=0.0, max_new_tokens=q.max_new_tokens),
+        )
+        for q in batch
+    ]
+    results = generate_batch(model, processor.tokenizer, requests)
+    return [r.text.strip() for r in results], sum(r.completion_tokens for r in results)
 
 
 def run_benchmark(
@@ -135,7 +105,7 @@ def run_benchmark(
     try:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            texts, generated = generate_batch(loaded, batch)  # type: ignore[arg-type]
+            texts, generated = answer_batch(loaded, batch)  # type: ignore[arg-type]
             tokens += generated
             append_rows(own, [{"question_id": q.question_id, "prompt": q.prompt, "text": text,
                                "answer_id": uuid.uuid4().hex[:22], "model_id": model_id, "metadata": {}}

@@ -36,7 +36,7 @@ from torch import nn
 from road_vlm.data.template import PromptFormat
 from road_vlm.model import LoadedVLM, load_vlm
 
-from .generation import GenerationRequest, GenerationResult, PreparedPrompt, generate_batch, prepare_prompt
+from road_vlm.generation import GenerationRequest, GenerationResult, PreparedPrompt, generate_batch, prepare_prompt
 
 logger = logging.getLogger(__name__)
 

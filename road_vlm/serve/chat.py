@@ -19,8 +19,8 @@ from road_vlm.data.images import ImageLoadError, load_image
 from road_vlm.data.template import render_prompt
 from road_vlm.model import LoadedVLM
 
-from .generation import GenerationRequest, GenerationResult, PromptTooLongError, SamplingParams, TextCallback
-from .generation import generate_batch, prepare_prompt
+from road_vlm.generation import GenerationRequest, GenerationResult, PromptTooLongError, SamplingParams, TextCallback
+from road_vlm.generation import generate_batch, prepare_prompt
 
 HELP = """commands:
   /image PATH   use this image (starts a new conversation)

@@ -112,7 +112,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from road_vlm.model import load_vlm
 
     from .chat import ChatSession, answer_once, run_interactive
-    from .generation import PromptTooLongError, SamplingError, SamplingParams
+    from road_vlm.generation import PromptTooLongError, SamplingError, SamplingParams
 
     if args.json and args.prompt is None:
         return _error("chat", ValueError("--json needs --prompt (non-interactive mode)"))

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .batching import BatchScheduler, QueueFullError, ServingEngine, UnknownAdapterError
-from .generation import GenerationRequest, GenerationResult, PromptTooLongError, SamplingError, SamplingParams
+from road_vlm.generation import GenerationRequest, GenerationResult, PromptTooLongError, SamplingError, SamplingParams
 from .messages import BadImageError, MessageError, parse_messages
 
 logger = logging.getLogger(__name__)

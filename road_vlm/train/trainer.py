@@ -13,9 +13,12 @@ broken sample never costs trained steps):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from road_vlm.data.collator import SupervisedCollator
-from road_vlm.data.dataset import LazySupervisedDataset, summarize_drops
+from road_vlm.data.dataset import DataStats, LazySupervisedDataset, encode_shard, merge_shards, summarize_drops
 from road_vlm.data.sampler import BatchLayout, epoch_order, rank_micro_batches, steps_per_epoch
 from road_vlm.data.template import IGNORE_INDEX
 from road_vlm.train.checkpoint import (
+    TMP_PREFIX,
     TrainerState,
     list_checkpoints,
     load_checkpoint,
@@ -36,7 +40,7 @@ from road_vlm.train.checkpoint import (
 )
 from road_vlm.train.config import ConfigError, TrainingConfig
 from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
-from road_vlm.train.ds_config import build_deepspeed_config, offloads_optimizer, read_deepspeed_json
+from road_vlm.train.ds_config import build_deepspeed_config, offloads_optimizer, read_deepspeed_json, zero_stage
 from road_vlm.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 from road_vlm.train.reporting import Reporter, format_summary, peak_memory_bytes, plot_loss, write_summary
 
@@ -110,12 +114,12 @@ def _require_wandb() -> None:
         raise ConfigError("output.report_to=wandb needs the wandb package (pip install wandb)") from err
 
 
-def load_model_with_adapter(config: TrainingConfig) -> tuple[Any, Any]:
+def load_model_with_adapter(config: TrainingConfig, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """Base LLaVA + a fresh adapter; vision tower and all base weights frozen, projector per the config."""
     from road_vlm.adapters import AdapterConfigError, add_adapter
     from road_vlm.model import load_base
 
-    model, processor = load_base(config.model.name_or_path, device="cpu", dtype=_model_dtype(config))
+    model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config))
     model.config.use_cache = False
     try:
         add_adapter(model, config.adapter, name=ADAPTER_NAME)
@@ -125,7 +129,12 @@ def load_model_with_adapter(config: TrainingConfig) -> tuple[Any, Any]:
     if any(p.requires_grad for p in vision.parameters()):  # pragma: no cover - add_adapter contract
         raise RuntimeError("the vision tower must be frozen")
     if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed gradient_checkpointing_enable (deprecated, removed in v6); support both.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # pragma: no cover - older transformers
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # The embeddings are frozen; make their output require grad so checkpointed blocks still backprop
         # (needed with reentrant checkpointing, harmless without: what LLaVA does).
         model.enable_input_require_grads()
@@ -133,22 +142,49 @@ def load_model_with_adapter(config: TrainingConfig) -> tuple[Any, Any]:
     return model, processor
 
 
-def build_dataset(config: TrainingConfig, processor: Any, model: Any) -> LazySupervisedDataset:
+DATA_CACHE = ".data-cache"
+
+
+def build_dataset(config: TrainingConfig, processor: Any, model: Any, dist: DistInfo) -> LazySupervisedDataset:
+    """Validate and tokenise the training data before training; with N processes each encodes 1/N of it.
+
+    Shards go through ``<output.dir>/.data-cache/`` (Arrow files on the shared output filesystem, memory-mapped
+    by every rank), so no rank repeats another's tokenisation and nothing large travels through collectives.
+    """
+    import datasets
+
     from road_vlm.model import num_image_tokens
 
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"
-    return LazySupervisedDataset(
-        config.data.path,
-        tokenizer=tokenizer,
-        image_processor=processor.image_processor,
-        num_image_tokens=num_image_tokens(processor),
-        image_token_id=model.config.image_token_id,
-        max_length=config.data.max_length,
-        image_folder=config.data.image_folder,
-        image_aspect_ratio=config.data.image_aspect_ratio,
-        on_bad_image=config.data.on_bad_image,
+    encode_kwargs = dict(
+        tokenizer=tokenizer, num_image_tokens=num_image_tokens(processor), image_token_id=model.config.image_token_id,
+        max_length=config.data.max_length, image_folder=config.data.image_folder, on_bad_image=config.data.on_bad_image,
     )
+    wrap_kwargs = dict(data_path=config.data.path, image_processor=processor.image_processor,
+                       image_folder=config.data.image_folder, image_aspect_ratio=config.data.image_aspect_ratio,
+                       on_bad_image=config.data.on_bad_image)
+    if dist.world_size == 1:
+        shard = _first_error(dist, encode_shard, config.data.path, **encode_kwargs)
+        samples, stats = _first_error(dist, merge_shards, [shard], config.data.path)
+        return LazySupervisedDataset.from_samples(samples, stats, **wrap_kwargs)
+    shard, shard_stats = _first_error(dist, encode_shard, config.data.path, shard_index=dist.rank,
+                                      num_shards=dist.world_size, **encode_kwargs)
+    cache = Path(config.output.dir) / DATA_CACHE
+
+    def _write() -> None:
+        shard.save_to_disk(str(cache / f"shard-{dist.rank}"))
+        (cache / f"shard-{dist.rank}.json").write_text(json.dumps(asdict(shard_stats)))
+
+    _first_error(dist, _write)
+
+    def _read() -> list[tuple[Any, DataStats]]:
+        return [(datasets.load_from_disk(str(cache / f"shard-{r}")),
+                 DataStats(**json.loads((cache / f"shard-{r}.json").read_text()))) for r in range(dist.world_size)]
+
+    parts = _first_error(dist, _read)
+    samples, stats = _first_error(dist, merge_shards, parts, config.data.path)
+    return LazySupervisedDataset.from_samples(samples, stats, **wrap_kwargs)
 
 
 def compute_loss(engine: Any, batch: dict[str, Any], *, projector: Any | None, pixel_dtype: torch.dtype) -> torch.Tensor:
@@ -189,13 +225,23 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     resume_from = _first_error(dist, resolve_resume, config.train.resume, output_dir)
+    if dist.is_main:
+        for leftover in output_dir.glob(f"{TMP_PREFIX}*"):
+            logger.warning("removing %s: a checkpoint save that was interrupted", leftover)
+            shutil.rmtree(leftover)
+        if (output_dir / DATA_CACHE).exists():  # tokenised shards of an earlier run: always rebuilt
+            shutil.rmtree(output_dir / DATA_CACHE)
+    barrier()
     _prepare_demo_assets(config, dist)
     raw_ds = _first_error(dist, read_deepspeed_json, config.deepspeed.config)
     if config.output.report_to == "wandb":
         _first_error(dist, _require_wandb)
 
-    model, processor = _first_error(dist, load_model_with_adapter, config)
-    dataset = _first_error(dist, build_dataset, config, processor, model)
+    # ZeRO-0/1/2 keep a full model copy per rank: load it straight onto the accelerator. ZeRO-3 partitions it in
+    # deepspeed.initialize, so it is loaded on the host first (a zero.Init load would avoid the host copy).
+    load_device = dist.device if zero_stage(raw_ds) < 3 else "cpu"
+    model, processor = _first_error(dist, load_model_with_adapter, config, load_device)
+    dataset = build_dataset(config, processor, model, dist)
     if dist.is_main:
         logger.info("data: %s", summarize_drops(dataset.stats))
 
@@ -338,6 +384,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         "checkpoints": [str(p) for _, p in list_checkpoints(output_dir)] if dist.is_main else [],
     }
     if dist.is_main:
+        shutil.rmtree(output_dir / DATA_CACHE, ignore_errors=True)  # ranks hold mmaps; unlinked files stay readable
         plot_loss(history, output_dir / "loss.png")
         write_summary(output_dir / "summary.json", summary)
         print(format_summary(summary), flush=True)

@@ -101,7 +101,8 @@ def peft_twin(base, ours, names: list[str], variants: list[str], group_size: int
     pm = None
     for name, variant in zip(names, variants):
         targets = sorted(n for n, layer in layers.items() if name in layer.specs)
-        cfg = RoadConfig(variant=PEFT_VARIANT[variant], group_size=group_size, target_modules=peft_target_regex(ours, targets))
+        cfg = RoadConfig(variant=PEFT_VARIANT[variant], group_size=group_size,
+                         target_modules=peft_target_regex(ours, targets))
         if pm is None:
             pm = get_peft_model(base, cfg, adapter_name=name)
         else:

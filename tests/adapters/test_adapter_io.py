@@ -94,7 +94,8 @@ def test_peft_directory_touching_the_vision_tower_is_refused(adx, tmp_path):
                                                               target_modules=["q_proj"]))
     peft_model.save_pretrained(str(tmp_path / "peft"))
     model = adx.build_tiny()
-    with pytest.raises(AdapterFileError, match=r"unexpected tensor.*vision_tower\.encoder\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(AdapterFileError,
+                       match=r"unexpected tensor.*vision_tower\.encoder\.layers\.0\.self_attn\.q_proj"):
         load_adapter(model, tmp_path / "peft")
     assert not adapted_layers(model) and not registry(model).configs
 
@@ -114,7 +115,8 @@ KEY = "base_model.model.model.language_model.layers.0.self_attn.q_proj.road_thet
     [
         (lambda t: t.pop(KEY), r"missing 1 adapter tensor.*layers\.0\.self_attn\.q_proj\.road_theta"),
         (lambda t: t.__setitem__(KEY.replace("q_proj", "zz_proj"), torch.ones(3)), r"unexpected tensor.*zz_proj"),
-        (lambda t: t.__setitem__(KEY, torch.zeros(7)), r"q_proj\.road_theta has shape \(7,\), the base model needs \(128,\)"),
+        (lambda t: t.__setitem__(KEY, torch.zeros(7)),
+         r"q_proj\.road_theta has shape \(7,\), the base model needs \(128,\)"),
         (lambda t: t[KEY].__setitem__(5, float("nan")), r"q_proj\.road_theta contains NaN"),
     ],
     ids=["missing", "extra", "shape", "nonfinite"],

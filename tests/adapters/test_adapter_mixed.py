@@ -71,7 +71,8 @@ def test_mixed_generate_equals_each_row_alone_with_left_padding(adx):
             batched = model.generate(input_ids=ids, attention_mask=mask, **GEN)[:, ids.shape[1]:]
         for i, name in enumerate(names):
             set_active_adapter(model, name)
-            alone = model.generate(input_ids=rows[i][None], attention_mask=torch.ones(1, len(rows[i]), dtype=torch.long),
+            one = torch.ones(1, len(rows[i]), dtype=torch.long)
+            alone = model.generate(input_ids=rows[i][None], attention_mask=one,
                                    **GEN)[:, len(rows[i]):]
             assert torch.equal(batched[i], alone[0]), f"row {i} ({name})"
     # Different adapters really produce different continuations for the same prompt.

@@ -83,7 +83,8 @@ def _layer(variant: str, dtype=torch.float64, seed: int = 0) -> AdaptedLinear:
     torch.manual_seed(seed)
     base = nn.Linear(10, 16, bias=True, dtype=dtype)
     layer = AdaptedLinear(base, "toy.proj")
-    cfg = AdapterConfig(variant=variant, group_size=G, target_modules=["proj"], lora_r=3, lora_alpha=6, lora_dropout=0.0)
+    cfg = AdapterConfig(variant=variant, group_size=G, target_modules=["proj"], lora_r=3, lora_alpha=6,
+                        lora_dropout=0.0)
     layer.add("a", cfg)
     layer.active_adapter = "a"
     gen = torch.Generator().manual_seed(seed + 1)
@@ -154,7 +155,8 @@ def test_in_place_rotate_rows_matches_out_of_place(block_bytes):
     c1, s2 = road_coefficients("road4", G, theta, alpha)
     w = torch.randn(D_OUT, 9, dtype=torch.float64)
     expected = rotate_rows(w, c1, s2, G)
-    torch.testing.assert_close(rotate_rows_(w.clone(), c1, s2, G, block_bytes=block_bytes), expected, rtol=0, atol=1e-13)
+    got = rotate_rows_(w.clone(), c1, s2, G, block_bytes=block_bytes)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
 
 
 def test_blocked_cpu_rotation_is_bit_identical_for_large_activations():
@@ -163,4 +165,10 @@ def test_blocked_cpu_rotation_is_bit_identical_for_large_activations():
     y = torch.randn(3, 1100, 1024, generator=gen)
     c1 = torch.randn(3, 1, 1024, generator=gen)
     s2 = torch.randn(3, 1, 1024, generator=gen)
-    assert torch.equal(apply_rotation_fast(y, c1, s2, 64), apply_rotation(y, c1, s2, 64))
+    exact = apply_rotation(y, c1, s2, 64)
+    assert torch.equal(apply_rotation_fast(y, c1, s2, 64), exact)
+    from road_vlm.adapters.rotation import apply_rotation_fused_
+
+    torch.testing.assert_close(apply_rotation_fused_(y.clone(), c1, s2, 64), exact, rtol=1e-6, atol=1e-6)
+    small = y[:, :2].clone()  # below the blocking threshold
+    torch.testing.assert_close(apply_rotation_fused_(small, c1, s2, 64), exact[:, :2], rtol=1e-6, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from pathlib import Path
 
@@ -87,8 +88,12 @@ def test_training_files_use_llava_instruction_format(train_root: Path) -> None:
         else:
             assert "<image>" not in turns[0]["value"]
     pretrain = json.loads((train_root / "pretrain.json").read_text())
-    assert len(pretrain) == 30
-    assert all(s["conversations"][0]["value"] == "<image>\nDescribe the image briefly." for s in pretrain)
+    captions = [s for s in pretrain if "image" in s]
+    scenes = [s for s in pretrain if "image" not in s]
+    assert len(captions) == len(scenes) == 30
+    assert all(s["conversations"][0]["value"] == "<image>\nDescribe the image briefly." for s in captions)
+    # Scene questions describe the scene in words; no image question of instruct.json leaks into them.
+    assert all(s["conversations"][0]["value"].startswith(("Scene: ", "Context: ")) for s in scenes)
     sizes = {Image.open(train_root / s["image"]).size for s in instruct if "image" in s}
     assert (48, 48) in sizes and any(w != h for w, h in sizes)  # non-square images exercise pad
 
@@ -117,7 +122,11 @@ def _check_answer(question: str, answer: str, spec: syn.ImageSpec) -> None:
     elif m := re.fullmatch(r"Is there a (\w+) in the image\?", q):
         assert answer == ("yes" if m[1] in by_shape else "no")
     elif q in ("What word is written on the sign?", "What does the sign say?", "What is written in the image?"):
-        assert spec.word == answer and f"Reference OCR token: {answer}" in question
+        ocr = question.split("\n")[1]
+        assert ocr.startswith("Reference OCR token: ")
+        tokens = ocr.removeprefix("Reference OCR token: ").split(", ")
+        # The answer plus two distractors: the prompt alone cannot tell which one the sign shows.
+        assert spec.word == answer and answer in tokens and len(set(tokens)) == 3
     else:
         raise AssertionError(f"unknown question template {q!r}")
 
@@ -155,7 +164,8 @@ def test_training_answers_match_image_specs(train_root: Path) -> None:
             else:
                 _check_answer(text, gpt["value"], spec)
     for sample in json.loads((train_root / "pretrain.json").read_text()):
-        assert sample["conversations"][1]["value"] == syn.caption(specs[sample["image"]])
+        if "image" in sample:
+            assert sample["conversations"][1]["value"] == syn.caption(specs[sample["image"]])
 
 
 def test_rendered_pngs_match_their_specs(train_root: Path, eval_root: Path) -> None:
@@ -235,3 +245,17 @@ def test_bad_arguments_are_rejected(tmp_path: Path) -> None:
         generate_training_data(tmp_path, num_samples=0)
     with pytest.raises(ValueError, match="num_per_benchmark"):
         generate_eval_data(tmp_path, num_per_benchmark=1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_scene_questions_answer_from_the_described_scene(seed: int) -> None:
+    rng = random.Random(seed)
+    spec = syn.random_word_spec(rng) if seed % 5 == 0 else syn.random_shape_spec(rng)
+    text, answer = syn.scene_question(spec, rng)
+    if text.startswith("Context: "):
+        assert text.startswith(f"Context: {syn.caption(spec)}\n")
+        _check_choice(text, answer, spec)
+    else:
+        scene, rest = text.split("\n", 1)
+        assert scene == f"Scene: {syn.caption(spec)}"
+        _check_answer(rest, answer, spec)

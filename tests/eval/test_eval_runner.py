@@ -19,7 +19,7 @@ from road_vlm.eval.benchmarks import BENCHMARKS
 from road_vlm.eval.commands import register
 from road_vlm.eval.common import EvalQuestion
 from road_vlm.eval.predictions import PREDICTIONS_FILE, merge, read_predictions
-from road_vlm.eval.runner import generate_batch, run_benchmark
+from road_vlm.eval.runner import answer_batch, run_benchmark
 from road_vlm.model import load_vlm
 
 NEW_TOKENS = 4  # an untrained model never stops by itself; keep generation short
@@ -63,7 +63,7 @@ def test_answers_file_uses_llava_format(reference: list[dict], mixed_questions: 
 
 
 def test_generation_strips_the_prompt(loaded, mixed_questions: list[EvalQuestion]) -> None:
-    texts, generated = generate_batch(loaded, mixed_questions[:2])
+    texts, generated = answer_batch(loaded, mixed_questions[:2])
     assert len(texts) == 2 and 0 < generated <= 2 * NEW_TOKENS
     assert not any(t.startswith("A chat between") or "ASSISTANT" in t for t in texts)
 

@@ -11,7 +11,7 @@ import pytest
 from road_vlm.data.template import encode_prompt
 from road_vlm.model import LoadedVLM, load_vlm, num_image_tokens
 from road_vlm.serve.chat import ChatSession, answer_once, run_interactive
-from road_vlm.serve.generation import SamplingParams
+from road_vlm.generation import SamplingParams
 
 
 class RecordingOutput(io.StringIO):
@@ -44,17 +44,17 @@ def test_prompt_mode_streams_the_answer_in_pieces(tuned, image_path):
 def test_prompt_mode_json_via_cli(serve_cli, tiny_llava_dir, adapter_dirs, image_path, capsys):
     args = serve_cli.parse_args([
         "chat", "--model", str(tiny_llava_dir), "--adapter", str(adapter_dirs["road4"]),
-        "--image", str(image_path), "--prompt", "What is in the image?", "--json", "--max-new-tokens", "5",
+        "--image", str(image_path), "--prompt", "What is in the image?", "--json", "--max-new-tokens", "12",
     ])
     assert args.func(args) == 0
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(payload) >= {"answer", "prompt", "adapter", "tokens"}
-    assert payload["adapter"] == str(adapter_dirs["road4"]) and payload["tokens"] == 5
+    assert payload["adapter"] == str(adapter_dirs["road4"]) and payload["tokens"] == 12
     assert payload["prompt"].endswith("USER: <image>\nWhat is in the image? ASSISTANT:")
 
     # The adapter changes the answer: the same question without it answers differently.
     args = serve_cli.parse_args(["chat", "--model", str(tiny_llava_dir), "--image", str(image_path),
-                                 "--prompt", "What is in the image?", "--json", "--max-new-tokens", "5"])
+                                 "--prompt", "What is in the image?", "--json", "--max-new-tokens", "12"])
     assert args.func(args) == 0
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plain["adapter"] is None and plain["answer"] != payload["answer"]

@@ -10,7 +10,7 @@ import torch
 from road_vlm.data.images import load_image
 from road_vlm.data.template import PromptFormat, encode_prompt
 from road_vlm.model import load_vlm, num_image_tokens
-from road_vlm.serve.generation import (
+from road_vlm.generation import (
     GenerationRequest,
     PromptTooLongError,
     SamplingError,
@@ -121,3 +121,14 @@ def test_prompt_beyond_the_context_limit_is_refused(base):
 def test_bad_sampling_settings_are_refused(kwargs):
     with pytest.raises(SamplingError):
         SamplingParams(**kwargs)
+
+
+def test_a_cancelled_row_stops_early_and_the_others_finish(base):
+    model, processor, fmt = base
+    prompt = prepare_prompt(model, processor, fmt, [], "Describe the image briefly.")
+    leaving = GenerationRequest(prompt, sampling=SamplingParams(max_new_tokens=12))
+    leaving.on_text = lambda piece: leaving.cancelled.set()  # the client goes away after its first piece
+    staying = GenerationRequest(prompt, sampling=SamplingParams(max_new_tokens=12))
+    left, stayed = generate_batch(model, processor.tokenizer, [leaving, staying])
+    assert left.finish_reason == "cancelled" and left.completion_tokens < 12
+    assert stayed.completion_tokens == 12 and stayed.finish_reason == "length"

@@ -43,6 +43,17 @@ def test_resume_auto_picks_newest_complete_checkpoint_and_ignores_partial_saves(
         resolve_resume(str(tmp_path / "checkpoint-20"), tmp_path)
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path: Path):
+    from road_vlm.train.checkpoint import _rotate, list_checkpoints
+
+    for step in (2, 4, 10, 6):
+        _fake_checkpoint(tmp_path, step)
+    _rotate(tmp_path, 2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 10]  # numeric order, not name order
+    _rotate(tmp_path, None)
+    assert len(list_checkpoints(tmp_path)) == 2
+
+
 def test_rng_state_round_trips_without_pickle(tmp_path: Path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     save_rng_state(tmp_path, rank=0)

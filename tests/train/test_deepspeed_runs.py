@@ -92,8 +92,21 @@ def _check_run(out: Path, tiny_llava_dir: Path, data: Path, zero_stage: int) -> 
                               pixel_values=check.get("pixel_values")).logits
     torch.testing.assert_close(logits, check["trained"], rtol=0, atol=1e-5)
 
+    # Pure RoAd adapters are also PEFT adapters: PEFT loads the checkpoint and agrees on a text-only input
+    # (the trained projector, which PEFT does not load, plays no part there).
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    text_ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    peft_model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=text_ids).logits, loaded.model(input_ids=text_ids).logits,
+                                   rtol=0, atol=1e-4)
+        base = load_vlm(tiny_llava_dir)
+        assert not torch.allclose(base.model(input_ids=text_ids).logits, loaded.model(input_ids=text_ids).logits,
+                                  atol=1e-3)  # the comparison above is not vacuous: the adapter changes outputs
+
     # Training lowered the loss on a fixed set of training samples.
-    base = load_vlm(tiny_llava_dir)
     before = _supervised_loss(base.model, base.processor, data)
     after = _supervised_loss(loaded.model, loaded.processor, data)
     assert after < before - 0.05, (before, after)

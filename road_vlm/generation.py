@@ -1,4 +1,4 @@
-"""Prompt building and streamed, batched generation: the one generation path of chat, web chat and serving.
+"""Prompt building and streamed, batched generation: the one generation path of eval, chat, web chat and serving.
 
 A batch is a list of :class:`GenerationRequest` (prompt ids, optional image, adapter name or None, sampling
 settings, an optional text callback). :func:`generate_batch` left-pads the prompts and runs ONE ``generate()``
