@@ -24,6 +24,9 @@ from typing import Any
 
 from road_vlm.data.template import SYSTEM_V1
 
+# The demo's tiny base: big enough for RoAd4 (+ projector) to learn the synthetic tasks in a few CPU minutes.
+TINY_BASE = {"hidden_size": 128, "num_layers": 4, "vision_layers": 3}
+
 # Benchmarks' headline metrics, in the order of the LLaVA-1.5 paper's table.
 _HEADLINE = (("gqa", "accuracy", "GQA"), ("scienceqa", "img_accuracy", "SQA-IMG"),
              ("textvqa", "accuracy", "TextVQA"), ("pope", "f1_mean", "POPE"))
@@ -70,10 +73,11 @@ def prepare_base(workdir: Path, train_dir: Path, *, steps: int) -> Path:
     base = workdir / "base"
     if (base / "config.json").is_file() and (base / "model.safetensors").is_file():
         return base
-    init = build_tiny_llava(workdir / "base-init", corpus=tokenizer_corpus() + [SYSTEM_V1], overwrite=True)
+    init = build_tiny_llava(workdir / "base-init", corpus=tokenizer_corpus() + [SYSTEM_V1], overwrite=True,
+                            **TINY_BASE)
     pretrain_data = train_dir / "base_pretrain.json"
     _write_pretrain_mix(train_dir, pretrain_data)
-    pretrain_tiny_llava(init, pretrain_data, base, steps=steps)
+    pretrain_tiny_llava(init, pretrain_data, base, steps=steps, learning_rate=1e-3)
     return base
 
 

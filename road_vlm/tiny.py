@@ -72,6 +72,8 @@ def build_tiny_llava(
     vocab_size: int = 640,
     hidden_size: int = 64,
     num_layers: int = 2,
+    vision_layers: int = 2,
+    image_size: int = IMAGE_SIZE,
     overwrite: bool = False,
 ) -> Path:
     """Write a tiny LLaVA-1.5 checkpoint (weights, tokenizer, processor) to ``output_dir``.
@@ -117,8 +119,8 @@ def build_tiny_llava(
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
         resample=3,
@@ -133,8 +135,8 @@ def build_tiny_llava(
     )
 
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4,
+        image_size=image_size, patch_size=PATCH_SIZE, projection_dim=64,
     )
     text = LlamaConfig(
         hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
@@ -146,7 +148,7 @@ def build_tiny_llava(
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=image_token_id,
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, pad_token_id=tokenizer.pad_token_id,
+        image_seq_length=(image_size // PATCH_SIZE) ** 2, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)

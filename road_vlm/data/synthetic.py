@@ -126,7 +126,7 @@ def render_image(spec: ImageSpec) -> Image.Image:
         draw = ImageDraw.Draw(image)
         margin = 3
         draw.rectangle((margin, margin, spec.width - 1 - margin, spec.height - 1 - margin), fill=TEXT_BACKGROUNDS[spec.sign_color])
-        font = ImageFont.load_default(size=14)
+        font = ImageFont.load_default(size=spec.height // 2)  # large: readable after the 32-48 px resize
         left, top, right, bottom = draw.textbbox((0, 0), spec.word, font=font)
         x = (spec.width - (right - left)) / 2 - left + spec.jitter[0]
         y = (spec.height - (bottom - top)) / 2 - top + spec.jitter[1]
