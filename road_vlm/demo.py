@@ -25,7 +25,7 @@ from typing import Any
 from road_vlm.data.template import SYSTEM_V1
 
 # The demo's tiny base: big enough for RoAd4 (+ projector) to learn the synthetic tasks in a few CPU minutes.
-TINY_BASE = {"hidden_size": 128, "num_layers": 4, "vision_layers": 3}
+TINY_BASE = {"hidden_size": 128, "num_layers": 4, "vision_layers": 3, "image_size": 48}
 
 # Benchmarks' headline metrics, in the order of the LLaVA-1.5 paper's table.
 _HEADLINE = (("gqa", "accuracy", "GQA"), ("scienceqa", "img_accuracy", "SQA-IMG"),
@@ -75,21 +75,8 @@ def prepare_base(workdir: Path, train_dir: Path, *, steps: int) -> Path:
         return base
     init = build_tiny_llava(workdir / "base-init", corpus=tokenizer_corpus() + [SYSTEM_V1], overwrite=True,
                             **TINY_BASE)
-    pretrain_data = train_dir / "base_pretrain.json"
-    _write_pretrain_mix(train_dir, pretrain_data)
-    pretrain_tiny_llava(init, pretrain_data, base, steps=steps, learning_rate=1e-3)
+    pretrain_tiny_llava(init, train_dir / "pretrain_text.json", train_dir / "pretrain.json", base, steps=steps)
     return base
-
-
-def _write_pretrain_mix(train_dir: Path, out: Path) -> None:
-    """Captions (image grounding) + the text-only instructions (answer formats, without images).
-
-    The benchmarks' image tasks stay unseen, so the base scores near chance and the RoAd stage has
-    something real to teach: answering those questions about images.
-    """
-    captions = json.loads((train_dir / "pretrain.json").read_text())
-    text_only = [r for r in json.loads((train_dir / "instruct.json").read_text()) if "image" not in r]
-    out.write_text(json.dumps(captions + text_only))
 
 
 def train_adapter(workdir: Path, base: Path, train_dir: Path, *, num_processes: int, extra: list[str]) -> Path:
@@ -135,7 +122,7 @@ def before_after_table(base: dict[str, float], tuned: dict[str, float]) -> str:
 
 
 def run_demo(
-    workdir: Path, *, num_processes: int = 2, pretrain_steps: int = 600, num_train: int = 1200,
+    workdir: Path, *, num_processes: int = 2, pretrain_steps: int = 1500, num_train: int = 4000,
     num_eval: int = 60, batch_size: int = 16, train_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run every stage (cached ones are reused) and return the before/after numbers."""
@@ -206,7 +193,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--workdir", default=str(default_workdir()),
                         help="where base/, data/, run/ and eval/ go (default: %(default)s)")
     parser.add_argument("--num-processes", type=int, default=2, help="deepspeed processes for training")
-    parser.add_argument("--pretrain-steps", type=int, default=600, help="steps of the tiny base's pretraining")
+    parser.add_argument("--pretrain-steps", type=int, default=1500,
+                        help="steps of each of the tiny base's two pretraining phases")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="training config overrides, e.g. train.max_steps=100")
     parser.set_defaults(func=_command)

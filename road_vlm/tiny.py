@@ -166,26 +166,27 @@ def build_tiny_llava(
 
 def pretrain_tiny_llava(
     init_dir: str | Path,
-    data_path: str | Path,
+    text_data: str | Path,
+    caption_data: str | Path,
     output_dir: str | Path,
     *,
-    steps: int = 600,
+    steps: int = 1500,
     batch_size: int = 16,
-    learning_rate: float = 3e-3,
+    learning_rate: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Give a freshly built tiny base its "pretrained" abilities (the demo's stand-in for CLIP + Vicuna + LLaVA's
-    stage-1): full-parameter training of vision tower, projector and language model on ``data_path`` (LLaVA
-    format, e.g. the synthetic captions). A real LLaVA-1.5 checkpoint never goes through this.
+    """Give a freshly built tiny base the abilities a real LLaVA-1.5 base brings, in the order it acquires them.
 
-    Single process on purpose: it is a one-off of a few seconds; the RoAd stage afterwards uses the real
-    DeepSpeed recipe. Data go through the same dataset and collator as training.
+    1. the language model (embeddings, decoder, lm_head) on text-only conversations — Vicuna's stand-in;
+    2. vision tower + projector on captions with the language model frozen — LLaVA's stage-1 alignment, which
+       makes image tokens readable by the language model's own text circuits.
+
+    ``steps`` optimizer steps per phase. A real LLaVA-1.5 checkpoint never goes through this; the RoAd stage
+    afterwards uses the real DeepSpeed recipe. Single process on purpose (a one-off of about two minutes); data
+    go through the same dataset and collator as training.
     """
-    import math
     import random
-
-    from tqdm.auto import tqdm
 
     from road_vlm.data.collator import SupervisedCollator
     from road_vlm.data.dataset import LazySupervisedDataset
@@ -193,8 +194,7 @@ def pretrain_tiny_llava(
 
     torch.manual_seed(seed)
     model, processor = load_base(init_dir, dtype=torch.float32)
-    dataset = LazySupervisedDataset(
-        data_path,
+    encode = dict(
         tokenizer=processor.tokenizer,
         image_processor=processor.image_processor,
         num_image_tokens=num_image_tokens(processor),
@@ -202,26 +202,18 @@ def pretrain_tiny_llava(
         max_length=512,
     )
     collate = SupervisedCollator(pad_token_id=processor.tokenizer.pad_token_id)
-    model.train()
-    model.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps))
-    )
     rng = random.Random(seed)
-    bar = tqdm(range(steps), desc="pretraining tiny base", disable=not progress, unit="step")
-    for _ in bar:
-        batch = collate([dataset[i] for i in rng.sample(range(len(dataset)), min(batch_size, len(dataset)))])
-        loss = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-            pixel_values=batch["pixel_values"],
-        ).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    is_vision = {name: ("vision_tower" in name or "multi_modal_projector" in name)
+                 for name, _ in model.named_parameters()}
+    phases = (("language model on text", text_data, False), ("vision + projector on captions", caption_data, True))
+    model.train()
+    for desc, data, vision in phases:
+        dataset = LazySupervisedDataset(data, **encode)
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_vision[name] == vision)
+        _fit(model, dataset, collate, steps=steps, batch_size=batch_size, learning_rate=learning_rate, rng=rng,
+             desc=f"tiny base: {desc}", progress=progress)
+    model.requires_grad_(True)
     model.eval()
 
     out = Path(output_dir)
@@ -235,3 +227,30 @@ def pretrain_tiny_llava(
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _fit(model, dataset, collate, *, steps: int, batch_size: int, learning_rate: float, rng, desc: str,
+         progress: bool) -> None:
+    """AdamW with warmup + cosine over the parameters that require grad; random batches from ``dataset``."""
+    import math
+
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    warmup = max(1, steps // 30)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", mininterval=2.0)
+    for _ in bar:
+        batch = collate([dataset[i] for i in rng.sample(range(len(dataset)), min(batch_size, len(dataset)))])
+        loss = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+            pixel_values=batch["pixel_values"],
+        ).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -411,15 +411,16 @@ def _gpt(text: str) -> dict[str, str]:
 
 def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int = 1200,
                            num_pretrain: int | None = None) -> Path:
-    """Write ``root/images/*.png``, ``root/instruct.json`` and ``root/pretrain.json``.
+    """Write ``root/images/*.png``, ``root/instruct.json``, ``root/pretrain.json`` and ``root/pretrain_text.json``.
 
     instruct.json mixes GQA-style short answers, POPE-style yes/no, ScienceQA-style
     multiple choice (with and without image), TextVQA-style OCR questions and a few
-    text-only chats, in LLaVA's instruction format. pretrain.json holds the tiny base's "pretraining" data:
-    captioning samples ("<image>\\nDescribe the image briefly." -> caption, LLaVA's stage-1 analogue) and as many
-    text-only scene questions (``scene_question``: the four task formats asked about a scene described in
-    words — the language skills a real base LLM brings). The image questions themselves appear only in
-    instruct.json.
+    text-only chats, in LLaVA's instruction format. Two more files give the demo's tiny base the abilities a real
+    LLaVA base brings, in the order a real one acquires them: ``pretrain_text.json`` (text only: questions in the
+    four task formats about a scene described in words, scene descriptions, chats — the language model's
+    skills, Vicuna's stand-in) and ``pretrain.json`` (captioning, "<image>\\nDescribe the image briefly." ->
+    caption — LLaVA's stage-1 alignment of vision tower and projector). The image questions themselves appear
+    only in instruct.json.
     Returns ``root``.
     """
     if num_samples < 1:
@@ -479,16 +480,23 @@ def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int 
             instruct.append({"id": sid, "conversations": [_human(q, False), _gpt(a)]})
 
     pretrain: list[dict[str, Any]] = []
+    pretrain_text: list[dict[str, Any]] = []
     for i in range(num_pretrain):
         spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
         pretrain.append({"id": f"pretrain-{i:06d}", "image": new_image(spec),
                          "conversations": [_human(CAPTION_PROMPT, True), _gpt(caption(spec))]})
     for i in range(num_pretrain):
         spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
-        text, answer = scene_question(spec, rng)
-        pretrain.append({"id": f"scene-{i:06d}", "conversations": [_human(text, False), _gpt(answer)]})
+        if i % 4 == 0:  # describing a scene given in words: the text twin of captioning
+            text, answer = f"Scene: {caption(spec)}\n{CAPTION_PROMPT}", caption(spec)
+        elif i % 4 == 1:
+            text, answer = rng.choice(TEXT_ONLY_QA)
+        else:
+            text, answer = scene_question(spec, rng)
+        pretrain_text.append({"id": f"text-{i:06d}", "conversations": [_human(text, False), _gpt(answer)]})
     _write_json(root / "instruct.json", instruct)
     _write_json(root / "pretrain.json", pretrain)
+    _write_json(root / "pretrain_text.json", pretrain_text)
     _write_json(root / SPECS_FILE, specs)
     return root
 

@@ -93,6 +93,12 @@ def build_deepspeed_config(
     _fill(ds, "gradient_clipping", float(t.max_grad_norm))
 
     zero = ds.setdefault("zero_optimization", {})
+    if zero.get("overlap_comm") and not _cuda_available():
+        # overlap_comm overlaps gradient reduction with backward on CUDA streams. On the CPU accelerator the
+        # reductions become asynchronous gloo operations that can interleave with the trainer's own collectives;
+        # seen here once as a gloo "collective mismatch" abort at a checkpoint of a 2-process CPU run.
+        logger.info("%s: overlap_comm turned off (no CUDA: nothing to overlap on the CPU)", source)
+        zero["overlap_comm"] = False
     _fill(zero, "reduce_bucket_size", hidden_size * hidden_size, missing_ok=False)
     _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size), missing_ok=False)
     _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size, missing_ok=False)
@@ -113,3 +119,9 @@ def zero_stage(ds: dict[str, Any]) -> int:
 def offloads_optimizer(ds: dict[str, Any]) -> bool:
     offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

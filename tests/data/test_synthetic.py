@@ -87,13 +87,18 @@ def test_training_files_use_llava_instruction_format(train_root: Path) -> None:
             assert sample["image"].startswith("images/") and (train_root / sample["image"]).is_file()
         else:
             assert "<image>" not in turns[0]["value"]
-    pretrain = json.loads((train_root / "pretrain.json").read_text())
-    captions = [s for s in pretrain if "image" in s]
-    scenes = [s for s in pretrain if "image" not in s]
-    assert len(captions) == len(scenes) == 30
+    captions = json.loads((train_root / "pretrain.json").read_text())
+    assert len(captions) == 30 and all("image" in s for s in captions)
     assert all(s["conversations"][0]["value"] == "<image>\nDescribe the image briefly." for s in captions)
-    # Scene questions describe the scene in words; no image question of instruct.json leaks into them.
-    assert all(s["conversations"][0]["value"].startswith(("Scene: ", "Context: ")) for s in scenes)
+    # The text-only pretraining describes scenes in words; no image question of instruct.json leaks into it.
+    text = json.loads((train_root / "pretrain_text.json").read_text())
+    assert len(text) == 30 and not any("image" in s for s in text)
+    for sample in text:
+        human, gpt = (t["value"] for t in sample["conversations"])
+        assert "<image>" not in human
+        assert human.startswith(("Scene: ", "Context: ")) or (human, gpt) in syn.TEXT_ONLY_QA
+        if human.startswith("Scene: ") and human.endswith("\nDescribe the image briefly."):
+            assert human == f"Scene: {gpt}\nDescribe the image briefly."
     sizes = {Image.open(train_root / s["image"]).size for s in instruct if "image" in s}
     assert (48, 48) in sizes and any(w != h for w, h in sizes)  # non-square images exercise pad
 
@@ -164,8 +169,7 @@ def test_training_answers_match_image_specs(train_root: Path) -> None:
             else:
                 _check_answer(text, gpt["value"], spec)
     for sample in json.loads((train_root / "pretrain.json").read_text()):
-        if "image" in sample:
-            assert sample["conversations"][1]["value"] == syn.caption(specs[sample["image"]])
+        assert sample["conversations"][1]["value"] == syn.caption(specs[sample["image"]])
 
 
 def test_rendered_pngs_match_their_specs(train_root: Path, eval_root: Path) -> None:
