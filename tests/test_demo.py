@@ -12,6 +12,15 @@ import pytest
 
 from road_vlm.demo import run_demo
 
+# A smaller run than `make demo` (fewer pretraining and RoAd steps, 30 questions per benchmark) to fit CI.
+DEMO_TEST = {
+    "pretrain_steps": 800,
+    "num_eval": 30,
+    "overrides": ["train.max_steps=700", "train.save_steps=700"],
+}
+# Points (0-100) by which the tuned model must beat the untuned base.
+MARGIN = {"GQA": 15.0, "SQA-IMG": 5.0, "TextVQA": 10.0, "POPE": 10.0}
+
 
 @pytest.mark.slow
 def test_demo_tuned_model_beats_the_untuned_base_on_every_benchmark(tmp_path: Path) -> None:

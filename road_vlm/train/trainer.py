@@ -191,8 +191,18 @@ def compute_loss(engine: Any, batch: dict[str, Any], *, projector: Any | None, p
     """Mean token cross-entropy over supervised tokens (0, not NaN, for a batch with none)."""
     device = engine.device
     pixel_values = batch["pixel_values"]
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
+    if projector is not None and pixel_values is None:
+        # All-text batch: the projector would not run, and ZeRO would wait forever for its gradients. A
+        # zero-weighted pass over a dummy feature keeps it in the graph without changing the loss (LLaVA's
+        # zero-length slice). It joins at the input embeddings, where real image features join, so its gradients
+        # arrive at the same point of backward as in an image batch: ZeRO reduces gradients in arrival order, and
+        # ranks that disagree on that order (one with images, one without) abort with a collective mismatch.
+        dummy = torch.zeros(1, 1, projector.linear_1.in_features, device=device, dtype=pixel_dtype)
+        embeds = engine.module.get_input_embeddings()(inputs.pop("input_ids"))
+        inputs["inputs_embeds"] = embeds + 0.0 * projector(dummy).sum().to(embeds.dtype)
     outputs = engine(
-        input_ids=batch["input_ids"].to(device),
+        **inputs,
         attention_mask=batch["attention_mask"].to(device),
         pixel_values=None if pixel_values is None else pixel_values.to(device, pixel_dtype),
         use_cache=False,
@@ -204,11 +214,6 @@ def compute_loss(engine: Any, batch: dict[str, Any], *, projector: Any | None, p
     )
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)
     loss = loss_sum / count
-    if projector is not None and pixel_values is None:
-        # All-text batch: the projector did not run, so ZeRO would wait forever for its gradients. A zero-weighted
-        # pass over a dummy feature keeps it in the graph without changing the loss (LLaVA's zero-length slice).
-        dummy = torch.zeros(1, 1, projector.linear_1.in_features, device=device, dtype=pixel_dtype)
-        loss = loss + 0.0 * projector(dummy).sum()
     return loss
 
 

@@ -11,7 +11,7 @@ class _Engine:
     device = torch.device("cpu")
 
     def __init__(self, model):
-        self.model = model
+        self.model = self.module = model  # DeepSpeedEngine exposes the wrapped model as .module
 
     def __call__(self, **kw):
         return self.model(**kw)
