@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -65,20 +64,6 @@ def _checkpoint_dtype(model: str | Path) -> str | None:
     return None
 
 
-def _unwrap_adapted_layers(model: Any) -> int:
-    """Replace every adapter wrapper by its (merged) ``nn.Linear`` so the state dict has plain HF names."""
-    from road_vlm.adapters import adapted_layers
-
-    layers = adapted_layers(model)
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
-    if hasattr(model, "_road_vlm_adapters"):
-        object.__delattr__(model, "_road_vlm_adapters")
-    return len(layers)
-
-
 def merge_checkpoint(
     model: str | Path,
     adapter: str | Path,
@@ -95,9 +80,12 @@ def merge_checkpoint(
     adapter = Path(adapter)
     tmp = _fresh_output(output, overwrite)
     try:
+        from road_vlm.adapters import adapted_layers, unload_adapters
+
         loaded = load_vlm(model, adapter, dtype=dtype or _checkpoint_dtype(model), merge=True)
-        if _unwrap_adapted_layers(loaded.model) == 0:
+        if not adapted_layers(loaded.model):
             raise ExportError(f"{adapter}: the adapter adapted no layer; nothing to merge")
+        unload_adapters(loaded.model)  # plain nn.Linear layers holding the merged weights: standard HF keys
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.processor.save_pretrained(tmp)
         loaded.prompt_format.save(tmp)
