@@ -1,4 +1,4 @@
-"""``road-vlm demo``: the whole pipeline on an embedded default, on CPU, in a few minutes.
+"""``road-vlm demo``: the whole pipeline on an embedded default, on CPU, in about ten minutes.
 
 1. synthetic data: shape/colour/sign images, instruction data and the four benchmarks in LLaVA's eval layout
 2. a tiny LLaVA-1.5-architecture base (real ``LlavaForConditionalGeneration``, real tokenizer files) saved in
@@ -187,7 +187,7 @@ def _command(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``demo`` to the ``road-vlm`` command."""
     parser = subparsers.add_parser(
-        "demo", help="run the whole pipeline on a tiny model and synthetic data (CPU, a few minutes)",
+        "demo", help="run the whole pipeline on a tiny model and synthetic data (CPU, about ten minutes)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--workdir", default=str(default_workdir()),
