@@ -96,11 +96,7 @@ def build_tiny_llava(
     marker = out / "config.json"
     if marker.exists() and (out / "model.safetensors").exists() and not overwrite:
         return out
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _fresh_tmp(out)
     tmp.mkdir(parents=True)
 
     texts = list(_BASE_CORPUS) + list(corpus or [])
@@ -157,10 +153,7 @@ def build_tiny_llava(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
-    # Atomic publish: a half-written base is never mistaken for a cached one.
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _publish(tmp, out)
     return out
 
 
@@ -217,16 +210,27 @@ def pretrain_tiny_llava(
     model.eval()
 
     out = Path(output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _fresh_tmp(out)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.tokenizer.padding_side = "left"
     processor.save_pretrained(tmp)
+    _publish(tmp, out)
+    return out
+
+
+def _fresh_tmp(out: Path) -> Path:
+    """An empty sibling of ``out`` to write into before publishing (left over by a killed run: removed)."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by ``tmp`` so a half-written model is never mistaken for a complete (cached) one."""
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return out
 
 
 def _fit(model, dataset, collate, *, steps: int, batch_size: int, learning_rate: float, rng, desc: str,
