@@ -75,6 +75,21 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
     return rows
 
 
+def read_question_file(source: Path, what: str, images: Path, *, max_new_tokens: int,
+                       categorized: bool = False) -> list[EvalQuestion]:
+    """LLaVA's eval question files (GQA, TextVQA, POPE): JSON lines with ``question_id``, ``image`` and ``text``
+    (the prompt as given to the model) and, when ``categorized``, a ``category``. Errors name file and question."""
+    fields = ("question_id", "image", "text", "category") if categorized else ("question_id", "image", "text")
+    questions = []
+    for i, row in enumerate(read_jsonl(source, what), start=1):
+        require_fields(row, fields, f"{source}: question #{i}")
+        questions.append(EvalQuestion(question_id=row["question_id"], question=row["text"], prompt=row["text"],
+                                      image=images / row["image"], max_new_tokens=max_new_tokens,
+                                      category=row["category"] if categorized else None,
+                                      extra={"image_name": row["image"]}))
+    return questions
+
+
 def require_fields(row: dict[str, Any], fields: tuple[str, ...], where: str) -> None:
     missing = [f for f in fields if f not in row]
     if missing:

@@ -22,6 +22,7 @@ from road_vlm.eval.common import (
     check_unique,
     index_predictions,
     read_jsonl,
+    read_question_file,
     require_complete,
     require_fields,
 )
@@ -40,12 +41,7 @@ def load(data_root: str | Path, image_dir: str | Path | None = None, *, check_fi
     root = Path(data_root)
     source = root / QUESTION_FILE
     images = root / (image_dir or DEFAULT_IMAGE_DIR)
-    questions = []
-    for i, row in enumerate(read_jsonl(source, "POPE question file"), start=1):
-        require_fields(row, ("question_id", "image", "text", "category"), f"{source}: question #{i}")
-        questions.append(EvalQuestion(question_id=row["question_id"], question=row["text"], prompt=row["text"],
-                                      image=images / row["image"], max_new_tokens=MAX_NEW_TOKENS,
-                                      category=row["category"], extra={"image_name": row["image"]}))
+    questions = read_question_file(source, "POPE question file", images, max_new_tokens=MAX_NEW_TOKENS, categorized=True)
     check_unique(questions, source)
     if check_files:
         check_images(questions, images, NAME)

@@ -20,7 +20,7 @@ from road_vlm.eval.common import (
     check_images,
     qid_key,
     read_json,
-    read_jsonl,
+    read_question_file,
     require_fields,
 )
 from road_vlm.eval.vqa_normalize import vqa_accuracy
@@ -37,11 +37,7 @@ def load(data_root: str | Path, image_dir: str | Path | None = None, *, check_fi
     root = Path(data_root)
     source = root / QUESTION_FILE
     images = root / (image_dir or DEFAULT_IMAGE_DIR)
-    questions = []
-    for i, row in enumerate(read_jsonl(source, "TextVQA question file"), start=1):
-        require_fields(row, ("question_id", "image", "text"), f"{source}: question #{i}")
-        questions.append(EvalQuestion(question_id=row["question_id"], question=row["text"], prompt=row["text"],
-                                      image=images / row["image"], max_new_tokens=MAX_NEW_TOKENS))
+    questions = read_question_file(source, "TextVQA question file", images, max_new_tokens=MAX_NEW_TOKENS)
     # The scorer keys annotations by (image id, question), so that pair must be unique, not the id alone.
     seen: set[tuple[str, str]] = set()
     for q in questions:
