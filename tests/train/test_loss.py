@@ -71,3 +71,41 @@ def test_gradient_checkpointing_with_frozen_embeddings_still_trains_the_adapter(
     compute_loss(_Engine(model), batch, projector=None, pixel_dtype=torch.float32).backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def _grad_arrival_order(model, batch) -> list[str]:
+    """Names of the trainable parameters in the order their gradients are finished during backward."""
+    from road_vlm.train.trainer import compute_loss
+
+    order: list[str] = []
+    handles = [p.register_post_accumulate_grad_hook(lambda _p, name=name: order.append(name))
+               for name, p in model.named_parameters() if p.requires_grad]
+    try:
+        loss = compute_loss(_Engine(model), batch, projector=model.model.multi_modal_projector,
+                            pixel_dtype=torch.float32)
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    model.zero_grad(set_to_none=True)
+    return order
+
+
+def test_text_and_image_batches_finish_gradients_in_the_same_order(tiny_llava_dir):
+    # ZeRO reduces gradients in the order they are finished; with one rank on an all-text micro-batch and another
+    # on an image batch, a different order aborts the run with a collective mismatch (seen with 2 ranks, ZeRO-2).
+    model = _model(tiny_llava_dir)
+    n_image = 16  # tiny fixture: 32 px, 8 px patches
+    ids = torch.tensor([[1] + [model.config.image_token_index] * n_image + [50, 60, 70, 2]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, -3:] = ids[0, -3:]
+    image_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+                   "pixel_values": torch.randn(1, 3, 32, 32)}
+    text_ids = torch.tensor([[1, 50, 60, 70, 2]])
+    text_batch = {"input_ids": text_ids, "attention_mask": torch.ones_like(text_ids), "pixel_values": None,
+                  "labels": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 60, 70, 2]])}
+
+    image_order, text_order = _grad_arrival_order(model, image_batch), _grad_arrival_order(model, text_batch)
+    assert any("multi_modal_projector" in name for name in image_order)
+    assert sorted(image_order) == sorted(text_order)
+    assert text_order == image_order
