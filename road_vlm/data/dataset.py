@@ -293,6 +293,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         # Arrow-backed storage keeps 665k tokenised samples compact and shareable with DataLoader workers.
         self.samples = samples
         self._images: list[str | None] = list(samples["image"])
+        self.has_image: list[bool] = [image is not None for image in self._images]
         self._ids: list[str] = list(samples["id"])
         self.modality_lengths: list[int] = list(samples["modality_length"])
 

@@ -122,3 +122,21 @@ def rank_micro_batches(order: list[int], layout: BatchLayout, rank: int, *, star
             start = step * g + (micro * w + rank) * b
             out.append(order[start:start + b])
     return out
+
+
+def micro_steps_with_images(
+    order: list[int], layout: BatchLayout, has_image: list[bool], *, start_step: int = 0
+) -> list[bool]:
+    """For each micro-step from ``start_step`` to the end of the epoch: does *any* rank's micro-batch hold an image?
+
+    The same list on every rank, computed from the epoch order alone (no collective). Under ZeRO-3 a rank whose
+    micro-batch is all text must still run the vision tower when another rank's has images, because each module's
+    parameters are all-gathered collectively when it runs.
+    """
+    g, w, b = layout.global_batch, layout.world_size, layout.micro_batch
+    out = []
+    for step in range(start_step, len(order) // g):
+        for micro in range(layout.grad_accum):
+            start = step * g + micro * w * b  # ranks' slices of this micro-step are contiguous (see the layout)
+            out.append(any(has_image[i] for i in order[start:start + w * b]))
+    return out

@@ -28,7 +28,13 @@ import torch.nn.functional as F
 
 from road_vlm.data.collator import SupervisedCollator
 from road_vlm.data.dataset import DataStats, LazySupervisedDataset, encode_shard, merge_shards, summarize_drops
-from road_vlm.data.sampler import BatchLayout, epoch_order, rank_micro_batches, steps_per_epoch
+from road_vlm.data.sampler import (
+    BatchLayout,
+    epoch_order,
+    micro_steps_with_images,
+    rank_micro_batches,
+    steps_per_epoch,
+)
 from road_vlm.data.template import IGNORE_INDEX
 from road_vlm.train.checkpoint import (
     TMP_PREFIX,
@@ -42,6 +48,7 @@ from road_vlm.train.config import ConfigError, TrainingConfig
 from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from road_vlm.train.ds_config import build_deepspeed_config, offloads_optimizer, read_deepspeed_json, zero_stage
 from road_vlm.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
+from road_vlm.train.stand_in import STAND_IN, install_stand_in
 from road_vlm.train.reporting import Reporter, format_summary, peak_memory_bytes, plot_loss, write_summary
 
 logger = logging.getLogger(__name__)
@@ -187,20 +194,21 @@ def build_dataset(config: TrainingConfig, processor: Any, model: Any, dist: Dist
     return LazySupervisedDataset.from_samples(samples, stats, **wrap_kwargs)
 
 
-def compute_loss(engine: Any, batch: dict[str, Any], *, projector: Any | None, pixel_dtype: torch.dtype) -> torch.Tensor:
-    """Mean token cross-entropy over supervised tokens (0, not NaN, for a batch with none)."""
+def compute_loss(
+    engine: Any, batch: dict[str, Any], *, pixel_dtype: torch.dtype, train_projector: bool = False,
+    run_vision: bool = False,
+) -> torch.Tensor:
+    """Mean token cross-entropy over supervised tokens (0, not NaN, for a batch with none).
+
+    An all-text batch runs a zero-weighted stand-in image pass (``road_vlm.train.stand_in``, installed on the
+    engine's module) when the projector trains or when ``run_vision`` says another rank's micro-batch has
+    images (ZeRO-3), so every rank runs the same modules in the same order. The loss is unchanged.
+    """
     device = engine.device
     pixel_values = batch["pixel_values"]
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
-    if projector is not None and pixel_values is None:
-        # All-text batch: the projector would not run, and ZeRO would wait forever for its gradients. A
-        # zero-weighted pass over a dummy feature keeps it in the graph without changing the loss (LLaVA's
-        # zero-length slice). It joins at the input embeddings, where real image features join, so its gradients
-        # arrive at the same point of backward as in an image batch: ZeRO reduces gradients in arrival order, and
-        # ranks that disagree on that order (one with images, one without) abort with a collective mismatch.
-        dummy = torch.zeros(1, 1, projector.linear_1.in_features, device=device, dtype=pixel_dtype)
-        embeds = engine.module.get_input_embeddings()(inputs.pop("input_ids"))
-        inputs["inputs_embeds"] = embeds + 0.0 * projector(dummy).sum().to(embeds.dtype)
+    if pixel_values is None and (train_projector or run_vision):
+        inputs[STAND_IN] = "vision" if run_vision else "projector"
     outputs = engine(
         **inputs,
         attention_mask=batch["attention_mask"].to(device),
@@ -244,7 +252,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 
     # ZeRO-0/1/2 keep a full model copy per rank: load it straight onto the accelerator. ZeRO-3 partitions it in
     # deepspeed.initialize, so it is loaded on the host first (a zero.Init load would avoid the host copy).
-    load_device = dist.device if zero_stage(raw_ds) < 3 else "cpu"
+    stage = zero_stage(raw_ds)
+    load_device = dist.device if stage < 3 else "cpu"
     model, processor = _first_error(dist, load_model_with_adapter, config, load_device)
     dataset = build_dataset(config, processor, model, dist)
     if dist.is_main:
@@ -269,6 +278,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    install_stand_in(engine.module)  # after initialize: it must run inside ZeRO-3's per-forward module trace
     if dist.is_main:
         logger.info(
             "trainable parameters %s / %s (%.4f%%); %d samples, global batch %d, %d steps (%d per epoch), warmup %d",
@@ -289,7 +299,6 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         if dist.is_main:
             logger.info("resumed from %s at step %d", resume_from, state.global_step)
 
-    projector = engine.module.model.multi_modal_projector if config.adapter.train_projector else None
     pixel_dtype = next(engine.module.model.vision_tower.parameters()).dtype
     collator = SupervisedCollator(pad_token_id=processor.tokenizer.pad_token_id, max_length=config.data.max_length)
     reporter = Reporter(output_dir=output_dir, report_to=config.output.report_to, total_steps=total_steps,
@@ -306,12 +315,16 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                 modality_lengths=dataset.modality_lengths if config.data.group_by_modality_length else None,
             )
             batches = rank_micro_batches(order, layout, dist.rank, start_step=step_in_epoch)
+            # ZeRO-3: which micro-steps have an image on some rank (then every rank runs the vision tower).
+            vision_steps = (micro_steps_with_images(order, layout, dataset.has_image, start_step=step_in_epoch)
+                            if stage == 3 else [False] * len(batches))
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=batches, collate_fn=collator, num_workers=config.data.num_workers,
                 # A private generator: creating loader iterators must not draw from the global torch RNG.
                 generator=torch.Generator().manual_seed(t.seed),
             )
             batch_iter = iter(loader)
+            vision_iter = iter(vision_steps)
             for _ in range(step_in_epoch, per_epoch):
                 if state.global_step >= total_steps:
                     break
@@ -320,7 +333,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                 for _micro in range(layout.grad_accum):
                     batch = next(batch_iter)
                     skipped_local += batch["num_skipped"]
-                    loss = compute_loss(engine, batch, projector=projector, pixel_dtype=pixel_dtype)
+                    loss = compute_loss(engine, batch, pixel_dtype=pixel_dtype,
+                                        train_projector=config.adapter.train_projector, run_vision=next(vision_iter))
                     engine.backward(loss)
                     engine.step()
                     losses.append(float(loss.detach()))
@@ -381,7 +395,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         "peak_memory": peak_memory_bytes(dist.device),
         "world_size": dist.world_size,
         "global_batch": layout.global_batch,
-        "zero_stage": int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        "zero_stage": stage,
         "skipped_samples": state.skipped_samples,
         "data": dataset.stats.to_dict(),
         "final_checkpoint": str(final),

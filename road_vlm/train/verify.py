@@ -16,10 +16,7 @@ CHECK_FILE = "reload_check.safetensors"
 
 def probe_index(dataset: Any) -> int:
     """The first sample with an image (exercises projector + adapter), else the first sample."""
-    for index in range(len(dataset)):
-        if dataset._images[index] is not None:
-            return index
-    return 0
+    return dataset.has_image.index(True) if any(dataset.has_image) else 0
 
 
 @torch.no_grad()

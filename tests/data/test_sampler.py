@@ -57,3 +57,19 @@ def test_single_modality_falls_back_to_length_grouping_and_zero_is_rejected():
     assert sorted(set(order)) == list(range(10))
     with pytest.raises(ValueError, match="non-zero"):
         epoch_order(3, layout, seed=0, epoch=0, modality_lengths=[1, 0, -1])
+
+
+def test_micro_steps_with_images_is_the_union_over_ranks_and_follows_resume():
+    from road_vlm.data.sampler import micro_steps_with_images
+
+    layout = BatchLayout(world_size=2, micro_batch=2, grad_accum=2)
+    has_image = [i % 5 == 0 for i in range(40)]  # sparse images: many micro-batches are all text
+    order = epoch_order(40, layout, seed=1, epoch=0)
+    flags = micro_steps_with_images(order, layout, has_image)
+    per_rank = [rank_micro_batches(order, layout, rank) for rank in range(2)]
+    assert len(flags) == len(per_rank[0])
+    assert flags == [any(has_image[i] for rank in range(2) for i in per_rank[rank][k]) for k in range(len(flags))]
+    # The case it exists for occurs here: one rank all text while the other has an image.
+    assert any(any(has_image[i] for i in per_rank[0][k]) != any(has_image[i] for i in per_rank[1][k])
+               for k in range(len(flags)))
+    assert micro_steps_with_images(order, layout, has_image, start_step=3) == flags[3 * layout.grad_accum:]

@@ -60,7 +60,7 @@ def _supervised_loss(model, processor, data: Path, n: int = 24) -> float:
     losses = []
     with torch.no_grad():
         for i in range(n):
-            losses.append(float(compute_loss(_Engine(), collate([ds[i]]), projector=None, pixel_dtype=torch.float32)))
+            losses.append(float(compute_loss(_Engine(), collate([ds[i]]), pixel_dtype=torch.float32)))
     return sum(losses) / len(losses)
 
 
