@@ -286,14 +286,17 @@ def sqa_text_problem(rng: random.Random) -> tuple[str, str, list[str], int]:
     return SHAPE_FACTS[target], SHAPE_RIDDLES[target], choices, choices.index(target)
 
 
-def textvqa_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
+TEXTVQA_QUESTIONS = ("What word is written on the sign?", "What does the sign say?", "What is written in the image?")
+
+
+def textvqa_question(spec: ImageSpec, rng: random.Random, question: str | None = None) -> tuple[str, str]:
     """TextVQA-style question text (question + OCR line, without suffix) and the answer.
 
     Like real OCR output the reference line holds more than the answer (here: the word plus two distractors,
     shuffled), so copying from the prompt alone is right a third of the time; the image decides.
     """
     assert spec.word is not None
-    question = rng.choice(("What word is written on the sign?", "What does the sign say?", "What is written in the image?"))
+    question = question or rng.choice(TEXTVQA_QUESTIONS)
     tokens = [spec.word] + rng.sample([w for w in WORDS if w != spec.word], 2)
     rng.shuffle(tokens)
     return f"{question}\n{OCR_PREFIX}{', '.join(tokens)}", spec.word
@@ -569,22 +572,33 @@ def generate_eval_data(root: str | Path, *, seed: int = 1, num_per_benchmark: in
     _write_json(root / "scienceqa" / "pid_splits.json", {"train": [], "val": [], "test": test_pids, "minival": []})
 
     # TextVQA -----------------------------------------------------------------------
+    # As in LLaVA's file, question_id is the *image* id and some images have two questions (val: 5,000 questions
+    # on 3,166 images). The second questions draw from their own generator, so the rest of the data is unchanged.
     tv_rows, tv_data = [], []
+    second_rng = random.Random(f"road_vlm-eval-{seed}-textvqa-second-questions")
+
+    def add_textvqa(spec: ImageSpec, image_id: str, q: str, a: str, r: random.Random) -> None:
+        question = q.split("\n")[0]
+        tv_rows.append({"question_id": image_id, "image": f"{image_id}.png", "text": f"{q}\n{SHORT_ANSWER_SUFFIX}"})
+        # Human answers vary a little, as on TextVQA, so soft accuracy is exercised.
+        answers = [a] * 10
+        for k in r.sample(range(10), r.choice((0, 1, 2))):
+            answers[k] = r.choice([f"the {a}", a.upper(), f"{a} sign"])
+        tv_data.append({"question": question, "image_id": image_id, "image_classes": ["Sign"],
+                        "image_width": spec.width, "image_height": spec.height, "answers": answers,
+                        "question_tokens": question.rstrip("?").lower().split(), "question_id": 50000 + len(tv_data),
+                        "set_name": "val"})
+
     for i in range(n):
         spec = random_word_spec(rng)
         image_id = f"{0xa000 + i:016x}"
         save(spec, f"textvqa/train_images/{image_id}.png")
         q, a = textvqa_question(spec, rng)
-        question = q.split("\n")[0]
-        tv_rows.append({"question_id": image_id, "image": f"{image_id}.png", "text": f"{q}\n{SHORT_ANSWER_SUFFIX}"})
-        # Human answers vary a little, as on TextVQA, so soft accuracy is exercised.
-        answers = [a] * 10
-        for k in rng.sample(range(10), rng.choice((0, 1, 2))):
-            answers[k] = rng.choice([f"the {a}", a.upper(), f"{a} sign"])
-        tv_data.append({"question": question, "image_id": image_id, "image_classes": ["Sign"],
-                        "image_width": spec.width, "image_height": spec.height, "answers": answers,
-                        "question_tokens": question.rstrip("?").lower().split(), "question_id": 50000 + i,
-                        "set_name": "val"})
+        add_textvqa(spec, image_id, q, a, rng)
+        if i % 4 == 0:
+            other = second_rng.choice([t for t in TEXTVQA_QUESTIONS if t != q.split("\n")[0]])
+            q2, a2 = textvqa_question(spec, second_rng, question=other)
+            add_textvqa(spec, image_id, q2, a2, second_rng)
     _write_jsonl(root / "textvqa" / "llava_textvqa_val_v051_ocr.jsonl", tv_rows)
     _write_json(root / "textvqa" / "TextVQA_0.5.1_val.json",
                 {"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": tv_data})

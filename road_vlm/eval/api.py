@@ -185,7 +185,7 @@ def evaluate(
             for name in names:
                 out_dir = output / row_name / name
                 answered = preds_io.merge(out_dir, questions[name])
-                rows_in_order = [answered[q.key] for q in work[name]]
+                rows_in_order = [answered[q.answer_key] for q in work[name]]
                 source = str(out_dir / preds_io.PREDICTIONS_FILE)
                 scores[name] = get_benchmark(name).score(rows_in_order, data_root, limit=limit, source=source)
             results_rows[row_name] = scores
@@ -203,7 +203,7 @@ def evaluate(
 
 def _all_answered(out_dir: Path, questions: list[EvalQuestion], work: list[EvalQuestion]) -> bool:
     answered = preds_io.collect_answered(out_dir, questions)
-    return all(q.key in answered for q in work)
+    return all(q.answer_key in answered for q in work)
 
 
 def _needs_model(out_dir: Path, questions: list[EvalQuestion], work: list[EvalQuestion], rank: int,
@@ -212,7 +212,7 @@ def _needs_model(out_dir: Path, questions: list[EvalQuestion], work: list[EvalQu
 
     answered = preds_io.collect_answered(out_dir, questions)
     start, end = shard_bounds(len(work), rank, world_size)
-    return any(q.key not in answered for q in work[start:end])
+    return any(q.answer_key not in answered for q in work[start:end])
 
 
 __all__ = ["evaluate", "resolve_checkpoints", "load_questions", "EvalDataError"]

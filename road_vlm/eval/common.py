@@ -37,6 +37,13 @@ class EvalQuestion:
     def key(self) -> str:
         return qid_key(self.question_id)
 
+    @property
+    def answer_key(self) -> tuple[str, str]:
+        """What identifies this question's row in an answers file: (question id, prompt). LLaVA's TextVQA file
+        uses the *image* id as question_id (5,000 val questions on 3,166 images), and its scorer matches answers
+        by (question_id, prompt); for the other benchmarks the id alone is unique and this is equivalent."""
+        return (self.key, self.prompt)
+
 
 def qid_key(question_id: Any) -> str:
     """Question ids are compared as strings: LLaVA's files mix ints (POPE) and strings (GQA)."""

@@ -72,17 +72,40 @@ def _parse(raw: bytes, path: Path, lineno: int) -> dict[str, Any]:
     return row
 
 
-def check_rows(rows: list[dict[str, Any]], path: Path, known: set[str]) -> dict[str, dict[str, Any]]:
-    """Index rows by question id; duplicate ids or ids that are not questions of the benchmark
-    mean the file belongs to something else: a clear error rather than a silently wrong score."""
-    out: dict[str, dict[str, Any]] = {}
+AnswerKey = tuple[str, str]  # (question id as a string, prompt): EvalQuestion.answer_key
+
+
+def check_rows(rows: list[dict[str, Any]], path: Path, questions: list[EvalQuestion]) -> dict[AnswerKey, dict[str, Any]]:
+    """Index rows by (question id, prompt), as LLaVA's scorers match answers. A row for no question of the
+    benchmark, a question answered twice, or an answer generated for another prompt means the file belongs to
+    something else: a clear error rather than a silently wrong score. A row without ``prompt`` (answers from
+    another tool) is matched by its id where that id is unique."""
+    prompts: dict[str, list[str]] = {}
+    for q in questions:
+        prompts.setdefault(q.key, []).append(q.prompt)
+    out: dict[AnswerKey, dict[str, Any]] = {}
     for row in rows:
-        key = qid_key(row["question_id"])
-        if key not in known:
+        qid = qid_key(row["question_id"])
+        if qid not in prompts:
             raise EvalDataError(f"{path}: question_id {row['question_id']!r} is not a question of this benchmark "
                                 "(answers from another benchmark or data root?)")
+        if "prompt" in row:
+            prompt = row["prompt"]
+        elif len(prompts[qid]) == 1:
+            prompt = prompts[qid][0]
+        else:
+            raise EvalDataError(f"{path}: an answer to question_id {row['question_id']!r} has no 'prompt', and "
+                                f"{len(prompts[qid])} questions share that id (TextVQA ids are image ids)")
+        if prompt not in prompts[qid]:
+            # Same id, other text: answers from an older or different question file.
+            asks = (f"now asks {prompts[qid][0]!r}" if len(prompts[qid]) == 1
+                    else f"asks none of its {len(prompts[qid])} questions with that id so")
+            raise EvalDataError(f"{path}: the answer to question_id {row['question_id']!r} was generated for "
+                                f"prompt {prompt!r}, but the question file {asks}; use a fresh --output")
+        key = (qid, prompt)
         if key in out:
-            raise EvalDataError(f"{path}: question_id {row['question_id']!r} is answered twice")
+            raise EvalDataError(f"{path}: question_id {row['question_id']!r} is answered twice"
+                                + (f" for prompt {prompt!r}" if len(prompts[qid]) > 1 else ""))
         out[key] = row
     return out
 
@@ -96,36 +119,31 @@ def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
-def write_ordered(path: Path, questions: list[EvalQuestion], answered: dict[str, dict[str, Any]]) -> None:
+def write_ordered(path: Path, questions: list[EvalQuestion], answered: dict[AnswerKey, dict[str, Any]]) -> None:
     """Atomically rewrite ``path`` with the answered rows in question-file order."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
         for q in questions:
-            if q.key in answered:
-                handle.write(json.dumps(answered[q.key], ensure_ascii=False) + "\n")
+            if q.answer_key in answered:
+                handle.write(json.dumps(answered[q.answer_key], ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def collect_answered(directory: Path, questions: list[EvalQuestion], *, own: Path | None = None) -> dict[str, dict[str, Any]]:
-    """All answers already on disk for this benchmark: the merged file and every shard file.
-    Only ``own`` (the file this process appends to) is repaired in place."""
-    prompts = {q.key: q.prompt for q in questions}
-    answered: dict[str, dict[str, Any]] = {}
+def collect_answered(directory: Path, questions: list[EvalQuestion], *,
+                     own: Path | None = None) -> dict[AnswerKey, dict[str, Any]]:
+    """All answers already on disk for this benchmark (by ``EvalQuestion.answer_key``): the merged file and every
+    shard file. Only ``own`` (the file this process appends to) is repaired in place."""
+    answered: dict[AnswerKey, dict[str, Any]] = {}
     for path in [directory / PREDICTIONS_FILE, *shard_files(directory)]:
-        rows = check_rows(read_predictions(path, repair=path == own), path, set(prompts))
+        rows = check_rows(read_predictions(path, repair=path == own), path, questions)
         for key, row in rows.items():
-            if "prompt" in row and row["prompt"] != prompts[key]:
-                # Same id, other text: answers from an older or different question file.
-                raise EvalDataError(f"{path}: the answer to question_id {row['question_id']!r} was generated for "
-                                    f"prompt {row['prompt']!r}, but the question file now asks {prompts[key]!r}; "
-                                    "use a fresh --output")
             answered.setdefault(key, row)  # a question in two files: the merged file wins
     return answered
 
 
-def merge(directory: Path, questions: list[EvalQuestion]) -> dict[str, dict[str, Any]]:
+def merge(directory: Path, questions: list[EvalQuestion]) -> dict[AnswerKey, dict[str, Any]]:
     """Fold every shard file into ``predictions.jsonl`` (question order) and delete the shards."""
     merged = directory / PREDICTIONS_FILE
     answered = collect_answered(directory, questions, own=merged)

@@ -94,7 +94,7 @@ def run_benchmark(
     answered = collect_answered(out, questions, own=own)
     work = questions if limit is None else questions[:limit]
     start, end = shard_bounds(len(work), rank, world_size)
-    todo = [q for q in work[start:end] if q.key not in answered]
+    todo = [q for q in work[start:end] if q.answer_key not in answered]
     logger.info("%s: rank %d of %d answers questions %d..%d (%d left, %d already answered)", desc, rank, world_size,
                 start, end - 1, len(todo), end - start - len(todo))
     if todo and loaded is None:

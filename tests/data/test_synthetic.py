@@ -205,11 +205,14 @@ def test_eval_layouts_parse_and_answers_match(eval_root: Path) -> None:
         _check_choice(text.replace("\n<image>", ""), "ABCDE"[prob["answer"]], spec)
 
     tv = [json.loads(line) for line in (eval_root / "textvqa/llava_textvqa_val_v051_ocr.jsonl").read_text().splitlines()]
-    tv_ann = {a["image_id"]: a for a in json.loads((eval_root / "textvqa/TextVQA_0.5.1_val.json").read_text())["data"]}
+    tv_ann = {(a["image_id"], a["question"]): a
+              for a in json.loads((eval_root / "textvqa/TextVQA_0.5.1_val.json").read_text())["data"]}
+    # LLaVA's quirk: question_id is the image id, shared by the questions about one image.
+    assert len({row["question_id"] for row in tv}) < len(tv) == len(tv_ann)
     for row in tv:
         lines = row["text"].split("\n")
         assert len(lines) == 3 and lines[1].startswith("Reference OCR token: ") and lines[2] == SHORT_ANSWER_SUFFIX
-        a = tv_ann[row["question_id"]]
+        a = tv_ann[(row["question_id"], lines[0])]
         assert a["question"] == lines[0] and len(a["answers"]) == 10
         word = specs[f"textvqa/train_images/{row['image']}"].word
         assert a["answers"].count(word) >= 8

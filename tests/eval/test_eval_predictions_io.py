@@ -95,7 +95,7 @@ def test_merge_folds_shards_in_question_order(tmp_path: Path) -> None:
     (tmp_path / PREDICTIONS_FILE).write_text(_row(1))
     shard_file(tmp_path, 1, 2).write_text(_row(5) + _row(4))
     shard_file(tmp_path, 0, 2).write_text(_row(3) + _row(2)[:10])  # rank 0 was killed mid-line
-    assert set(collect_answered(tmp_path, questions)) == {"1", "3", "4", "5"}
+    assert set(collect_answered(tmp_path, questions)) == {("1", "q1"), ("3", "q3"), ("4", "q4"), ("5", "q5")}
     merge(tmp_path, questions)
     assert [json.loads(x)["question_id"] for x in (tmp_path / PREDICTIONS_FILE).read_text().splitlines()] == [1, 3, 4, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == [PREDICTIONS_FILE]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from road_vlm.data.synthetic import generate_eval_data
-from road_vlm.eval import evaluate, gqa, pope, scienceqa
+from road_vlm.eval import evaluate, gqa, pope, scienceqa, textvqa
 from road_vlm.eval.benchmarks import BENCHMARKS
 from road_vlm.eval.commands import register
 from road_vlm.eval.common import EvalQuestion
@@ -37,9 +37,11 @@ def loaded(tiny_llava_dir: Path):
 
 @pytest.fixture(scope="module")
 def mixed_questions(data_root: Path) -> list[EvalQuestion]:
-    """Text-only and image questions, square and non-square images, different prompt lengths."""
-    qs = scienceqa.load(data_root) + pope.load(data_root)[:3] + gqa.load(data_root)[:2]
+    """Text-only and image questions, square and non-square images, different prompt lengths, and TextVQA
+    questions that share a question_id (LLaVA's file uses the image id)."""
+    qs = scienceqa.load(data_root) + pope.load(data_root)[:3] + gqa.load(data_root)[:2] + textvqa.load(data_root)[:3]
     assert any(q.image is None for q in qs) and any(q.image is not None for q in qs)
+    assert len({q.key for q in qs}) < len(qs)
     return [dataclasses.replace(q, max_new_tokens=NEW_TOKENS) for q in qs]
 
 
@@ -141,6 +143,57 @@ def test_evaluate_end_to_end_on_synthetic_benchmarks(tiny_llava_dir: Path, data_
     again = evaluate(tiny_llava_dir, [run], "gqa,scienceqa,textvqa,pope", data_root, out, limit=3,
                      max_new_tokens=NEW_TOKENS, progress=False)
     assert again == results
+
+
+def _llava_eval_textvqa(data_root: Path, answers: list[dict]) -> float:
+    """LLaVA's llava/eval/eval_textvqa.py + m4c TextVQAAccuracyEvaluator, transcribed: annotations keyed by
+    (image_id, question.lower()), each answer matched by (question_id, question recovered from its prompt), soft
+    accuracy averaged over the 10 leave-one-out subsets of the human answers."""
+    from road_vlm.eval.vqa_normalize import normalize_answer
+
+    data = json.loads((data_root / textvqa.ANNOTATION_FILE).read_text())["data"]
+    annotations = {(a["image_id"], a["question"].lower()): a for a in data}
+    scores = []
+    for result in answers:
+        gt = [normalize_answer(a) for a in annotations[(result["question_id"],
+                                                        textvqa.question_from_prompt(result["prompt"]))]["answers"]]
+        pred = normalize_answer(result["text"])
+        accs = [min(1.0, sum(1 for j, other in enumerate(gt) if j != i and other == pred) / 3) for i in range(len(gt))]
+        scores.append(sum(accs) / len(accs))
+    return 100.0 * sum(scores) / len(scores)
+
+
+def test_eval_textvqa_with_shared_question_ids_matches_score_and_llavas_scorer(
+    tiny_llava_dir: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    questions = textvqa.load(data_root)
+    assert len({q.key for q in questions}) < len(questions)  # the real file's quirk is in the layout
+    out = tmp_path / "out"
+    results = evaluate(tiny_llava_dir, None, "textvqa", data_root, out, batch_size=2, max_new_tokens=NEW_TOKENS,
+                       progress=False)
+    rows = read_predictions(out / "base" / "textvqa" / PREDICTIONS_FILE)
+    assert [(r["question_id"], r["prompt"]) for r in rows] == [(q.question_id, q.prompt) for q in questions]
+    # Give some answers the right word so the score is not trivially 0 (the untrained model's are gibberish).
+    truth = {(a["image_id"], a["question"]): a["answers"][0]
+             for a in json.loads((data_root / textvqa.ANNOTATION_FILE).read_text())["data"]}
+    for row in rows[::2]:
+        row["text"] = truth[(row["question_id"], textvqa.question_from_prompt(row["prompt"]).capitalize())]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="road-vlm")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["score", "--benchmark", "textvqa", "--data-root", str(data_root), "--predictions",
+                              str(answers), "--json"])
+    assert args.func(args) == 0
+    scored = json.loads(capsys.readouterr().out)
+    official = _llava_eval_textvqa(data_root, rows)
+    assert official > 30.0
+    assert scored["accuracy"] == pytest.approx(official)
+    assert results["rows"]["base"]["textvqa"]["accuracy"] == pytest.approx(
+        _llava_eval_textvqa(data_root, read_predictions(out / "base" / "textvqa" / PREDICTIONS_FILE)))
 
 
 def test_sequential_ranks_equal_single_process(tiny_llava_dir: Path, data_root: Path, tmp_path: Path) -> None:
