@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.road_vlm-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast gpu-check clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 # Everything except the tests marked slow.
 test-fast: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra -m "not slow"
+
+# On a GPU machine: the one-shot GPU check with the machine's own CUDA torch (no venv, nothing downloaded);
+# writes benchmarks/results/<date>-<gpu>.{json,md}. `bash scripts/gpu_check.sh --dry-run` runs it on a CPU.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

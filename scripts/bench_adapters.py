@@ -139,6 +139,10 @@ def _peft_layer(base: nn.Linear, kind: str, n_adapters: int, group_size: int, lo
     model = get_peft_model(_Holder(copy.deepcopy(base)), config(), adapter_name="a0")
     for i in range(1, n_adapters):
         model.add_adapter(f"a{i}", config())
+    # Adapter weights in the layer's dtype, as road_vlm's tables are. PEFT keeps them in fp32 on a bf16 layer by
+    # default, and its mixed-batch RoAd forward then fails ("Index put requires the source and destination dtypes
+    # match", peft 0.21).
+    model.to(dtype=base.weight.dtype)
     model.eval()
     _randomize(model, seed=1)
     return model.base_model.model.proj
@@ -264,7 +268,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.layers, args.prefill_tokens, args.min_run_time, args.rounds, args.merge_repeats = (
-            "512x512,512x1376", 32, 0.05, 3, 2)
+            "512x512,512x1408", 32, 0.05, 3, 2)  # d_out divisible by the group size
     args.adapters = [int(a) for a in args.adapters.split(",")]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")

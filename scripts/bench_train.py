@@ -28,7 +28,7 @@ METHODS = ("road4", "road1_lora", "lora_r128", "peft_road4")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _build_model(preset: str, device: str, dtype):
+def _build_model(preset: str, device: str, dtype, num_layers: int | None = None):
     """(model, image_token_id, num_image_tokens, image_size)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -43,7 +43,8 @@ def _build_model(preset: str, device: str, dtype):
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 + 2-layer GELU projector + Vicuna-7B (llava-hf/llava-1.5-7b-hf shapes).
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers or 32,
+                       num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
                          vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576)
@@ -83,7 +84,7 @@ def run_one(args: argparse.Namespace) -> dict:
         raise SystemExit("--preset 7b needs a CUDA GPU")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    model, image_token_id, n_img, size = _build_model(args.preset, device, dtype)
+    model, image_token_id, n_img, size = _build_model(args.preset, device, dtype, args.num_layers)
     model = _attach(model, args.method)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="7b preset: language-model layers (default 32; fewer keeps a short GPU check short)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # internal: one method, this process
     args = parser.parse_args(argv)
@@ -168,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                "--warmup", str(args.warmup)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.num_layers:
+            cmd += ["--num-layers", str(args.num_layers)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "num_layers": args.num_layers if args.preset == "7b" else None,
         "torch_threads": args.threads or torch.get_num_threads(),
         "results": results,
     }
