@@ -131,3 +131,13 @@ def test_explicit_batch_that_contradicts_the_training_config_is_an_error(tmp_pat
     broken.write_text('{\n  "bf16": {\n    "enabled": auto\n  }\n}\n')
     with pytest.raises(DeepSpeedConfigError, match=r"ds\.json:3"):
         read_deepspeed_json(broken)
+
+
+@pytest.mark.parametrize("recipe", ["llava15_7b_road4.yaml", "llava15_13b_road4.yaml", "llava15_7b_road1_lora.yaml"])
+def test_paper_recipes_clip_no_gradients_like_llava_with_zero3(recipe: str):
+    # LLaVA's zero3.json has no gradient_clipping key, so HF's DeepSpeed integration clips nothing.
+    c = load_config(REPO / "configs" / recipe)
+    assert c.deepspeed.config.endswith("zero3.json") and c.train.max_grad_norm == 0.0
+    raw = read_deepspeed_json(REPO / "configs" / "deepspeed" / "zero3.json")
+    assert "gradient_clipping" not in raw
+    assert build_deepspeed_config(raw, c, world_size=8, hidden_size=4096)["gradient_clipping"] == 0.0
