@@ -56,6 +56,22 @@ def num_image_tokens(processor: Any) -> int:
     return patches + extra
 
 
+def contiguous_lm_head_input(model: Any) -> Any:
+    """Make the language-model head see a contiguous input (idempotent; returns ``model``).
+
+    transformers' LLaVA feeds the head ``hidden_states[:, -1:, :]`` at every decode step, a strided view. In
+    torch 2.13 on the CPU, ``F.linear`` on a strided 3-D input with a *frozen* weight takes a slow path: 31 s
+    instead of 17 ms for LLaVA-7B's head in bf16 at batch 32 (0.55 s instead of 0.07 s in fp32), measured by
+    ``scripts/repro_strided_linear.py``. Every model road_vlm builds is frozen, so every generate paid it.
+    Copying the [batch, 1, hidden] slice costs nothing next to the head's matmul.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_road_vlm_contiguous_input", False):
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+        head._road_vlm_contiguous_input = True
+    return model
+
+
 def load_base(
     model: str | Path,
     *,
@@ -80,6 +96,7 @@ def load_base(
     )
     vlm.to(device)
     vlm.eval()
+    contiguous_lm_head_input(vlm)
     # Batched generation pads on the left so that every row's last token is a real one.
     processor.tokenizer.padding_side = "left"
     return vlm, processor

@@ -62,7 +62,9 @@ def build_base(preset: str, device: str, dtype: torch.dtype, workdir: Path, num_
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.eval()
+    from road_vlm.model import contiguous_lm_head_input
+
+    return contiguous_lm_head_input(model.eval())  # as road_vlm's loader builds every model
 
 
 def _randomise(params: list[torch.nn.Parameter], seed: int) -> None:

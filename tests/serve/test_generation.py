@@ -132,3 +132,23 @@ def test_a_cancelled_row_stops_early_and_the_others_finish(base):
     left, stayed = generate_batch(model, processor.tokenizer, [leaving, staying])
     assert left.finish_reason == "cancelled" and left.completion_tokens < 12
     assert stayed.completion_tokens == 12 and stayed.finish_reason == "length"
+
+
+def test_every_decode_step_feeds_the_lm_head_a_contiguous_input(base):
+    # torch 2.13 CPU: F.linear on a strided input with a frozen weight is ~100-2000x slower; transformers feeds the
+    # head hidden_states[:, -1:, :]. load_vlm makes the head's input contiguous (scripts/repro_strided_linear.py).
+    from road_vlm.model import contiguous_lm_head_input
+
+    model, processor, fmt = base
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    try:
+        requests = [GenerationRequest(prepare_prompt(model, processor, fmt, [], q), sampling=SamplingParams(max_new_tokens=3))
+                    for q in ("Describe the image briefly.", "What?")]
+        generate_batch(model, processor.tokenizer, requests)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and all(seen)
+    hooks = len(head._forward_pre_hooks)
+    assert contiguous_lm_head_input(model) is model and len(head._forward_pre_hooks) == hooks  # idempotent
