@@ -9,6 +9,7 @@ import sys
 
 # (module, what it registers) — the order is the order in --help.
 _COMMAND_MODULES = (
+    "road_vlm.convert.commands", # build-base, convert-llava
     "road_vlm.train.commands",   # train
     "road_vlm.eval.commands",    # eval, score
     "road_vlm.serve.commands",   # chat, chat-ui, merge, export, serve
