@@ -25,7 +25,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from road_vlm.data.images import preprocess_images
-from road_vlm.data.template import PromptFormat, encode_prompt
+from road_vlm.data.template import TRAINING_ONLY_TEMPLATES, PromptFormat, encode_prompt
 from road_vlm.model import num_image_tokens
 
 TextCallback = Callable[[str], None]
@@ -121,6 +121,10 @@ def prepare_prompt(
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty")
+    if prompt_format.template in TRAINING_ONLY_TEMPLATES:
+        raise ValueError(f"the {prompt_format.template!r} template is LLaVA's stage-1 captioning format, for training "
+                         "only; chat, eval and serving use vicuna_v1 (build a stage-2 base from the stage-1 projector "
+                         "with `road-vlm build-base --projector`)")
     tokenizer = processor.tokenizer
     n_image = num_image_tokens(processor)
     image_token_id = int(model.config.image_token_id)

@@ -13,6 +13,10 @@ Fields (the training YAML's ``adapter:`` section uses exactly these names):
 - ``lora_r``, ``lora_alpha``, ``lora_dropout``: LoRA rank, scale numerator and input dropout (used by ``lora`` and
   ``road1_lora``; ``lora_r`` must be positive for every variant so that configs stay valid when switched).
 - ``train_projector``: also train the multimodal projector and save it as ``projector.safetensors``.
+
+``variant: "none"`` adapts no layer: with ``train_projector: true`` it is LLaVA's stage 1 (only the projector
+trains; ``configs/llava15_7b_pretrain.yaml``), and its checkpoint is a projector file that ``road-vlm build-base
+--projector`` takes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
 
-VARIANTS: tuple[str, ...] = ("road1", "road2", "road4", "lora", "road1_lora")
+VARIANTS: tuple[str, ...] = ("road1", "road2", "road4", "lora", "road1_lora", "none")
 ROAD_VARIANTS: tuple[str, ...] = ("road1", "road2", "road4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj",
@@ -44,7 +48,12 @@ class AdapterConfigError(ValueError):
 
 def variant_has_road(variant: str) -> bool:
     """Whether the variant carries a RoAd rotation."""
-    return variant != "lora"
+    return variant in ROAD_VARIANTS or variant == "road1_lora"
+
+
+def variant_adapts_layers(variant: str) -> bool:
+    """Whether the variant wraps language-model layers at all (``none``: projector only)."""
+    return variant != "none"
 
 
 def variant_has_lora(variant: str) -> bool:
@@ -83,6 +92,9 @@ class AdapterConfig:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.train_projector, bool):
             raise AdapterConfigError(f"train_projector must be true/false, got {self.train_projector!r}")
+        if self.variant == "none" and not self.train_projector:
+            raise AdapterConfigError("variant 'none' adapts no layer, so it trains nothing unless train_projector "
+                                     "is true (LLaVA's stage 1)")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence
 
 from torch import nn
 
-from .config import AdapterConfig, AdapterConfigError
+from .config import AdapterConfig, AdapterConfigError, variant_adapts_layers, variant_has_road
 from .layer import AdaptedLinear, AdapterStateError
 
 _LM_PATHS = ("model.language_model", "language_model")
@@ -100,6 +100,8 @@ def _matches(full_name: str, targets) -> bool:
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
     """The language-model Linear layers ``config.target_modules`` selects, validated against ``group_size``."""
+    if not variant_adapts_layers(config.variant):
+        return {}
     candidates = _candidate_linears(model)
     chosen = {n: m for n, m in candidates.items() if _matches(n, config.target_modules)}
     if not chosen:
@@ -110,7 +112,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Mod
             f"({lm_prefix}, {len(candidates)} linear layers searched, e.g. {examples}); list entries match a name "
             "or a '.'-suffix of it, a string is a regex matched with re.fullmatch against the full module name"
         )
-    if config.variant != "lora":
+    if variant_has_road(config.variant):
         for n, m in chosen.items():
             if m.out_features % config.group_size != 0:
                 raise AdapterConfigError(

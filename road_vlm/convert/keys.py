@@ -13,6 +13,7 @@ MM_PROJECTOR = [
     ("model.mm_projector.2.", "linear_2."),
     ("mm_projector.0.", "linear_1."),  # the same file saved without the model prefix
     ("mm_projector.2.", "linear_2."),
+    ("model.multi_modal_projector.", ""),  # road_vlm's projector.safetensors (a stage-1 checkpoint of ours)
 ]
 
 # An original LLaVA-1.5 checkpoint (liuhaotian/llava-v1.5-7b / -13b: LlavaLlamaForCausalLM). The vision tower

@@ -30,8 +30,11 @@ def _renamed(state: dict[str, torch.Tensor], mapping: list[tuple[str, str]], whe
 
 
 def load_projector(path: str | Path, vision_hidden: int, text_hidden: int) -> dict[str, torch.Tensor]:
-    """LLaVA's ``mm_projector.bin`` (or its safetensors twin) as ``model.multi_modal_projector.*`` tensors."""
+    """LLaVA's ``mm_projector.bin`` (or its safetensors twin), or road_vlm's ``projector.safetensors`` (a file or
+    the stage-1 checkpoint directory holding it), as ``model.multi_modal_projector.*`` tensors."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "projector.safetensors"
     if not path.is_file():
         raise ConversionError(f"{path}: projector file not found")
     state = _renamed(load_tensor_file(path), MM_PROJECTOR, str(path))

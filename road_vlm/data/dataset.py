@@ -157,6 +157,7 @@ def encode_shard(
     on_bad_image: str = "error",
     shard_index: int = 0,
     num_shards: int = 1,
+    template: str = "vicuna_v1",
 ) -> tuple[Any, DataStats]:
     """Validate every record, then check images and tokenise records ``shard_index::num_shards``.
 
@@ -193,6 +194,7 @@ def encode_shard(
                 num_image_tokens=num_image_tokens,
                 image_token_id=image_token_id,
                 max_length=max_length,
+                template=template,
             )
         except LabelingError as err:
             # Structure was validated in read_records, so what is left is length: drop and count.
@@ -253,10 +255,11 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         image_folder: str | Path | None = None,
         image_aspect_ratio: str = "pad",
         on_bad_image: str = "error",
+        template: str = "vicuna_v1",
     ) -> None:
         shard = encode_shard(
             data_path, tokenizer=tokenizer, num_image_tokens=num_image_tokens, image_token_id=image_token_id,
-            max_length=max_length, image_folder=image_folder, on_bad_image=on_bad_image,
+            max_length=max_length, image_folder=image_folder, on_bad_image=on_bad_image, template=template,
         )
         samples, stats = merge_shards([shard], data_path)
         self._setup(samples, stats, data_path=data_path, image_processor=image_processor, image_folder=image_folder,

@@ -1,4 +1,5 @@
-"""LLaVA-1.5's ``v1`` conversation template (``conv_vicuna_v1``) and exact label construction.
+"""LLaVA-1.5's conversation templates and exact label construction: ``v1`` (``conv_vicuna_v1``, stage 2, chat,
+eval and serving) and ``plain`` (``conv_llava_plain``, stage-1 caption pretraining; training only).
 
 Prompt string (see shared/reference/llava15.md, 2.3)::
 
@@ -9,6 +10,13 @@ overlaps an answer span (the space after ``ASSISTANT:``, the answer, and its clo
 re-tokenises each round and applies +-1 corrections that depend on the tokenizer version; when they are wrong it
 masks the whole sample with a "tokenization mismatch" warning and the loss silently becomes 0. Offsets cannot
 drift, and a sample that still ends up with no supervised token raises ``LabelingError``.
+
+``plain`` (LLaVA's ``preprocess_plain``)::
+
+    <image><caption>\n
+
+one human/gpt pair whose human text is dropped (only the image is kept), no system prompt, no roles, no ``</s>``;
+the caption and the newline (the template's separator) are supervised.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ SYSTEM_V1 = (
 ROLES = ("USER", "ASSISTANT")
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
-TEMPLATES = ("vicuna_v1",)
+TEMPLATES = ("vicuna_v1", "plain")
+TRAINING_ONLY_TEMPLATES = ("plain",)
 IMAGE_ASPECT_RATIOS = ("pad", "crop")
 PROMPT_FORMAT_FILE = "prompt_format.json"
 
@@ -176,6 +185,16 @@ def conversation_to_turns(conversations: list[dict[str, Any]], *, has_image: boo
     return turns
 
 
+def render_plain(conversations: list[dict[str, Any]], *, has_image: bool) -> tuple[str, list[tuple[int, int]]]:
+    """LLaVA's ``plain`` stage-1 sample: the image, then the caption and the separator (supervised)."""
+    turns = conversation_to_turns(conversations, has_image=has_image)
+    if not has_image or len(turns) != 1:
+        raise LabelingError("the plain template (stage-1 captions) needs exactly one human/gpt pair with an image "
+                            f"(got {len(turns)} pair(s), {'an' if has_image else 'no'} image)")
+    text = IMAGE_TOKEN + turns[0][1] + "\n"
+    return text, [(len(IMAGE_TOKEN), len(text))]
+
+
 def encode_training_sample(
     tokenizer: Any,
     conversations: list[dict[str, Any]],
@@ -184,11 +203,17 @@ def encode_training_sample(
     num_image_tokens: int,
     image_token_id: int,
     max_length: int,
+    template: str = "vicuna_v1",
 ) -> EncodedSample:
-    """Token ids and labels for one LLaVA conversation (answers and their ``</s>`` supervised)."""
+    """Token ids and labels for one LLaVA conversation (answers and their ``</s>`` supervised; ``plain``: the
+    caption and its newline)."""
     _check_tokenizer(tokenizer)
-    turns = conversation_to_turns(conversations, has_image=has_image)
-    text, spans = render_turns(list(turns))
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown conversation template {template!r}; known: {', '.join(TEMPLATES)}")
+    if template == "plain":
+        text, spans = render_plain(conversations, has_image=has_image)
+    else:
+        text, spans = render_turns(list(conversation_to_turns(conversations, has_image=has_image)))
     ids, supervised = _tokenize_with_images(
         tokenizer, text, num_image_tokens=num_image_tokens, image_token_id=image_token_id, spans=spans
     )

@@ -118,6 +118,9 @@ def export_peft(
     adapter = Path(adapter)
     output = Path(output)
     config = read_adapter_config(adapter)
+    if config.variant == "none":
+        raise ExportError(f"{adapter}: a projector-only checkpoint (variant none, LLaVA stage 1) has no PEFT "
+                          "adapter to export; pass its projector.safetensors to `road-vlm build-base --projector`")
     if config.variant not in ROAD_VARIANTS and config.variant != "lora":
         raise ExportError(
             f"{adapter}: a {config.variant} hybrid (z = R (W0 h + s B A h + b)) is not expressible in PEFT: PEFT "

@@ -47,7 +47,7 @@ class DataConfig:
     path: str = ""  # LLaVA instruction data: a JSON array or JSONL file (required)
     image_folder: str | None = None  # images are relative to this folder; default: the data file's folder
     max_length: int = 2048  # tokens per sample after <image> expansion (LLaVA's model_max_length)
-    template: str = "vicuna_v1"  # conversation template (LLaVA-1.5 "v1")
+    template: str = "vicuna_v1"  # conversation template: vicuna_v1 (LLaVA-1.5 "v1") or plain (stage 1)
     image_aspect_ratio: str = "pad"  # pad (LLaVA-1.5 expand2square) | crop (bare CLIP processor)
     group_by_modality_length: bool = False  # LLaVA's modality-grouped sampler (mixed image/text data only)
     on_bad_image: str = "error"  # error | skip (skipped samples are counted and reported)
@@ -131,7 +131,7 @@ _SECTION_TYPES: dict[str, type] = {
     "output": OutputConfig,
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.template": ("vicuna_v1",),
+    "data.template": ("vicuna_v1", "plain"),
     "data.image_aspect_ratio": ("pad", "crop"),
     "data.on_bad_image": ("error", "skip"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),

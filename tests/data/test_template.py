@@ -87,3 +87,37 @@ def test_image_tokens_beyond_max_length_raise_instead_of_being_cut(tok):
         _encode(tok, conv, True, max_length=last_image)
     with pytest.raises(LabelingError, match="no answer token"):
         _encode(tok, conv, True, max_length=last_image + 2)  # image fits, the answer does not
+
+
+def test_plain_template_is_image_then_supervised_caption_and_newline(tok):
+    # LLaVA's preprocess_plain: the human text is dropped, no system prompt, no roles, no </s>.
+    tokenizer, image_id = tok
+    conv = [_human("<image>\nDescribe the image briefly."), _gpt("A red circle.")]
+    sample = encode_training_sample(tokenizer, conv, has_image=True, num_image_tokens=16, image_token_id=image_id,
+                                    max_length=999, template="plain")
+    assert sample.input_ids[0] == tokenizer.bos_token_id and sample.input_ids[1:17] == [image_id] * 16
+    assert all(label == IGNORE_INDEX for label in sample.labels[:17])
+    assert sample.labels[17:] == sample.input_ids[17:]  # everything after the image is supervised
+    assert tokenizer.decode(sample.input_ids[17:]) == "A red circle.\n"
+    assert tokenizer.eos_token_id not in sample.input_ids and "Describe" not in tokenizer.decode(sample.input_ids)
+
+
+@pytest.mark.parametrize("conv,has_image", [
+    ([_human("A text-only question?"), _gpt("An answer.")], False),
+    ([_human("<image>\nDescribe."), _gpt("A circle."), _human("More?"), _gpt("No.")], True),
+])
+def test_plain_template_refuses_samples_that_are_not_one_captioned_image(tok, conv, has_image):
+    tokenizer, image_id = tok
+    with pytest.raises(LabelingError, match="plain template"):
+        encode_training_sample(tokenizer, conv, has_image=has_image, num_image_tokens=16, image_token_id=image_id,
+                               max_length=999, template="plain")
+
+
+def test_plain_template_is_for_training_only(tiny_llava_dir):
+    from road_vlm.data.template import PromptFormat
+    from road_vlm.generation import prepare_prompt
+    from road_vlm.model import load_vlm
+
+    model, processor, _ = load_vlm(tiny_llava_dir)
+    with pytest.raises(ValueError, match="stage-1 captioning format"):
+        prepare_prompt(model, processor, PromptFormat(template="plain"), [], "Describe the image.")

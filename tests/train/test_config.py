@@ -13,7 +13,8 @@ from road_vlm.train.config import ConfigError, config_from_dict, load_config, pa
 from road_vlm.train.ds_config import DeepSpeedConfigError, build_deepspeed_config, read_deepspeed_json
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = ["llava15_7b_road4.yaml", "llava15_7b_road1_lora.yaml", "llava15_13b_road4.yaml", "demo.yaml"]
+RECIPES = ["llava15_7b_road4.yaml", "llava15_7b_road1_lora.yaml", "llava15_13b_road4.yaml", "demo.yaml",
+           "llava15_7b_pretrain.yaml"]
 MINIMAL = {"model": {"name_or_path": "m"}, "data": {"path": "d.json"}, "output": {"dir": "out"}}
 
 
@@ -45,7 +46,19 @@ def test_llava_recipes_follow_stage2_settings():
         assert c.data.max_length == 2048 and c.train.bf16 and c.train.gradient_checkpointing
         assert c.train.projector_lr == 2e-5 and c.adapter.train_projector
         assert 1e-3 <= c.train.learning_rate <= 2e-3
-        assert c.model.name_or_path.startswith("llava-hf/llava-1.5-")
+        # The paper's starting point: the build-base output (Vicuna + CLIP + stage-1 projector), not llava-hf.
+        assert c.model.name_or_path.startswith("checkpoints/llava-v1.5-") and c.model.name_or_path.endswith("-base")
+        assert c.data.template == "vicuna_v1" and c.data.image_aspect_ratio == "pad"
+
+
+def test_stage1_recipe_follows_llava_pretrain_sh():
+    c = load_config(REPO / "configs" / "llava15_7b_pretrain.yaml")
+    assert (c.adapter.variant, c.adapter.train_projector) == ("none", True)
+    assert c.train.per_device_batch_size * c.train.gradient_accumulation_steps * 8 == 256
+    assert c.train.projector_lr == 1e-3 and c.train.weight_decay == 0.0 and c.train.max_grad_norm == 0.0
+    assert (c.train.num_epochs, c.train.lr_scheduler, c.train.warmup_ratio, c.data.max_length) == (1, "cosine", 0.03, 2048)
+    assert c.data.template == "plain" and c.data.image_aspect_ratio == "crop" and not c.data.group_by_modality_length
+    assert c.deepspeed.config.endswith("zero2.json")
 
 
 def test_overrides_are_parsed_as_yaml_scalars_and_lists():
