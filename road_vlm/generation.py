@@ -107,6 +107,15 @@ def context_limit(model: Any, prompt_format: PromptFormat) -> int:
     return limit
 
 
+def _longest_token_chars(tokenizer: Any) -> int:
+    """Characters in the longest vocabulary entry (cached on the tokenizer; byte pieces like <0x0A> count 6)."""
+    cached = getattr(tokenizer, "_road_vlm_longest_token", None)
+    if cached is None:
+        cached = max(len(token) for token in tokenizer.get_vocab())
+        tokenizer._road_vlm_longest_token = cached
+    return cached
+
+
 def prepare_prompt(
     model: Any,
     processor: Any,
@@ -128,6 +137,15 @@ def prepare_prompt(
     tokenizer = processor.tokenizer
     n_image = num_image_tokens(processor)
     image_token_id = int(model.config.image_token_id)
+    limit = context_limit(model, prompt_format)
+    # Refuse what cannot fit before tokenising it: no token is longer than the longest vocabulary entry, so a text
+    # of more than limit x that many characters has more than limit tokens (a 50 MB prompt is never tokenised).
+    chars = len(question) + sum(len(user) + len(answer) for user, answer in history)
+    if chars > limit * _longest_token_chars(tokenizer):
+        raise PromptTooLongError(
+            f"the conversation has {chars:,} characters, more than can fit in the context limit of {limit} tokens "
+            f"(at most {_longest_token_chars(tokenizer)} characters per token); shorten it or start a new one"
+        )
     ids = encode_prompt(
         tokenizer,
         list(history),
@@ -136,7 +154,6 @@ def prepare_prompt(
         num_image_tokens=n_image,
         image_token_id=image_token_id,
     )
-    limit = context_limit(model, prompt_format)
     if len(ids) >= limit:
         image_part = f" ({n_image} of them image tokens)" if image is not None else ""
         raise PromptTooLongError(

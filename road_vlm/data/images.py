@@ -19,25 +19,40 @@ class ImageLoadError(ValueError):
     """An image that is missing, not an image, or cannot be decoded."""
 
 
-def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
-    """Open an image file (or bytes, or a PIL image) as RGB, with an error that names the file."""
+def load_image(
+    source: str | Path | bytes | Image.Image,
+    *,
+    max_pixels: int | None = None,
+    formats: tuple[str, ...] | None = None,
+) -> Image.Image:
+    """Open an image file (or bytes, or a PIL image) as RGB, with an error that names the file.
+
+    ``max_pixels`` bounds width x height, checked from the header before anything is decoded (a 21 KB PNG can
+    claim 13,300 x 13,300 pixels, below PIL's own bomb limit). ``formats`` restricts which decoders may be used
+    (PIL names, e.g. ``("PNG", "JPEG")``); anything else is refused without being parsed further. Animated
+    formats give their first frame.
+    """
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         if isinstance(source, bytes):
-            image = Image.open(io.BytesIO(source))
+            image = Image.open(io.BytesIO(source), formats=formats)
         else:
             path = Path(source)
             if not path.is_file():
                 raise ImageLoadError(f"{name}: image file not found")
-            image = Image.open(path)
+            image = Image.open(path, formats=formats)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageLoadError(f"{name}: {image.width} x {image.height} = {image.width * image.height:,} pixels, "
+                                 f"more than the limit of {max_pixels:,}")
         image.load()  # decode now, so a truncated file fails here and not deep inside a batch
         return image.convert("RGB")
     except ImageLoadError:
         raise
     except UnidentifiedImageError as err:
-        raise ImageLoadError(f"{name}: not a recognised image format") from err
+        allowed = f" (allowed: {', '.join(formats)})" if formats is not None else ""
+        raise ImageLoadError(f"{name}: not a recognised{' or allowed' if formats else ''} image format{allowed}") from err
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageLoadError(f"{name}: cannot read image ({err})") from err
 

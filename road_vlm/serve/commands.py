@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -31,22 +33,61 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                         help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an int in [low, high], checked before anything is loaded."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"{number} is out of range [{low}, {high if high is not None else 'inf'}]")
+        return number
+    return parse
+
+
 def _add_server(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("--adapters", nargs="+", type=_adapter_spec, default=[], metavar="NAME=DIR",
                         help="adapters to serve; a request's `model` picks one by NAME")
     parser.add_argument("--base-name", default=None,
                         help="`model` name that selects the base without adapter (default: the base folder name)")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=port)
-    parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most")
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting+running requests before 429")
+    parser.add_argument("--port", type=_int_in(1, 65535), default=port)
+    parser.add_argument("--max-batch-size", type=_int_in(1), default=8, help="requests generated together at most")
+    parser.add_argument("--max-queue", type=_int_in(1), default=64, help="waiting+running requests before 429")
     parser.add_argument("--batch-window-ms", type=float, default=20.0,
                         help="how long the batcher waits for more requests after the first one")
-    parser.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
+    parser.add_argument("--max-tokens", type=_int_in(1), default=256, help="default max_tokens of a request")
+    parser.add_argument("--max-tokens-cap", type=_int_in(1), default=2048,
+                        help="largest max_tokens a request may ask for (larger: 400)")
+    parser.add_argument("--max-image-bytes", type=_int_in(1), default=20 * 1024 * 1024,
+                        help="largest image a request may send, in bytes (decoded)")
+    parser.add_argument("--max-image-pixels", type=_int_in(1), default=4096 * 4096,
+                        help="largest width x height of an image, checked before decoding")
+    parser.add_argument("--max-concurrent-decodes", type=_int_in(1), default=2,
+                        help="images decoded at the same time at most")
+    parser.add_argument("--max-body-bytes", type=_int_in(1), default=None,
+                        help="largest request body (default: one base64 image of --max-image-bytes + 1 MiB)")
+    parser.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                        help="Host header names served (default: localhost, 127.0.0.1, ::1 and --host); '*' = any, "
+                        "only behind a proxy that checks them")
     parser.add_argument("--allow-local-images", action="store_true",
                         help="accept local file paths as image URLs (only for trusted clients)")
     parser.add_argument("--api-key", default=None,
-                        help="require `Authorization: Bearer KEY` on API routes (the page: open /#key=KEY)")
+                        help="require `Authorization: Bearer KEY` on API routes (the page: open /#key=KEY); visible "
+                        "in `ps`: prefer --api-key-file or the ROAD_VLM_API_KEY environment variable")
+    parser.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        key = Path(args.api_key_file).read_text().splitlines()[0].strip() if Path(args.api_key_file).is_file() else ""
+        if not key:
+            raise ValueError(f"{args.api_key_file}: no API key in the first line")
+        return key
+    return args.api_key or os.environ.get("ROAD_VLM_API_KEY") or None
 
 
 def register(subparsers: Any) -> None:
@@ -158,9 +199,17 @@ def _adapters_from(args: argparse.Namespace) -> dict[str, str]:
 def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
     import uvicorn
 
-    from .server import create_app
+    from .messages import ImagePolicy
+    from .server import LOOPBACK_HOSTS, create_app
 
-    try:
+    try:  # every setting is checked before the model loads
+        api_key = _api_key(args)
+        images = ImagePolicy(allow_local_images=args.allow_local_images, max_bytes=args.max_image_bytes,
+                             max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes)
+        if args.max_tokens > args.max_tokens_cap:
+            raise ValueError(f"--max-tokens {args.max_tokens} exceeds --max-tokens-cap {args.max_tokens_cap}")
+        hosts = args.allowed_hosts or [*LOOPBACK_HOSTS, args.host]
+        allowed_hosts = None if "*" in hosts else tuple(hosts)
         engine = _load_engine(args, _adapters_from(args))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         return _error(command, err)
@@ -168,8 +217,8 @@ def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         loopback = args.host == "localhost"
-    if not loopback and args.api_key is None:
-        logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
+    if not loopback and api_key is None:
+        logger.warning("listening on %s without an API key: anyone who can reach this port can use the model",
                        args.host)
     app = create_app(
         engine,
@@ -177,8 +226,11 @@ def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
         max_queue=args.max_queue,
         batch_window_s=args.batch_window_ms / 1000.0,
         default_max_tokens=args.max_tokens,
-        allow_local_images=args.allow_local_images,
-        api_key=args.api_key,
+        max_tokens_cap=args.max_tokens_cap,
+        images=images,
+        max_body_bytes=args.max_body_bytes,
+        allowed_hosts=allowed_hosts,
+        api_key=api_key,
         web_ui=web_ui,
     )
     names = ", ".join(engine.model_names())

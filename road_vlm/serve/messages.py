@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,39 @@ class BadImageError(MessageError):
     """An image part that cannot be decoded or is not allowed."""
 
 
-def decode_image_url(url: str, *, allow_local_images: bool, max_bytes: int, param: str) -> Image.Image:
+# Decoders a client may reach: the common web formats. PIL knows dozens more (EPS would hand the bytes to
+# Ghostscript), none of which a chat client needs.
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """What the server accepts as an image: source, bytes, pixels, formats, and how many decode at once."""
+
+    allow_local_images: bool = False
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    formats: tuple[str, ...] = ALLOWED_IMAGE_FORMATS
+    max_concurrent_decodes: int = 2
+    _slots: threading.BoundedSemaphore = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_concurrent_decodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        object.__setattr__(self, "_slots", threading.BoundedSemaphore(self.max_concurrent_decodes))
+
+    def load(self, source: Any, param: str) -> Image.Image:
+        with self._slots:  # bounded concurrent decodes: each one may briefly hold max_pixels x 4 bytes
+            try:
+                return load_image(source, max_pixels=self.max_pixels, formats=self.formats)
+            except ImageLoadError as err:
+                raise BadImageError(f"cannot use the image: {err}", param) from err
+
+
+def decode_image_url(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
     """A ``data:`` URL (base64) or, with ``allow_local_images``, a local path / ``file://`` URL -> RGB image."""
+    max_bytes = policy.max_bytes
     if not isinstance(url, str) or not url:
         raise BadImageError("image_url.url must be a non-empty string", param)
     match = _DATA_URL.match(url)
@@ -47,23 +80,19 @@ def decode_image_url(url: str, *, allow_local_images: bool, max_bytes: int, para
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as err:
             raise BadImageError(f"image data URL is not valid base64: {err}", param) from err
-        try:
-            return load_image(raw)
-        except ImageLoadError as err:
-            raise BadImageError(f"cannot decode the image: {err}", param) from err
+        if len(raw) > max_bytes:
+            raise BadImageError(f"image is larger than the server's limit of {max_bytes} bytes", param)
+        return policy.load(raw, param)
     if url.startswith(("http://", "https://")):
         raise BadImageError("remote image URLs are not fetched by this server; send the image as a "
                             "data:image/...;base64 URL", param)
-    if not allow_local_images:
+    if not policy.allow_local_images:
         raise BadImageError("local image paths are disabled (start the server with --allow-local-images); "
                             "send the image as a data:image/...;base64 URL", param)
     path = Path(url[len("file://"):] if url.startswith("file://") else url)
-    try:
-        if path.is_file() and path.stat().st_size > max_bytes:
-            raise BadImageError(f"{path}: larger than the server's limit of {max_bytes} bytes", param)
-        return load_image(path)
-    except ImageLoadError as err:
-        raise BadImageError(str(err), param) from err
+    if path.is_file() and path.stat().st_size > max_bytes:
+        raise BadImageError(f"{path}: larger than the server's limit of {max_bytes} bytes", param)
+    return policy.load(path, param)
 
 
 def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
@@ -80,9 +109,10 @@ def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
 
 
 def parse_messages(
-    messages: Any, *, allow_local_images: bool = False, max_image_bytes: int = 20 * 1024 * 1024
+    messages: Any, images: ImagePolicy | None = None
 ) -> tuple[list[tuple[str, str]], str, Image.Image | None]:
     """Split OpenAI messages into finished ``(user, assistant)`` turns, the last user question and the image."""
+    images = images or ImagePolicy()
     if not isinstance(messages, list) or not messages:
         raise MessageError("messages must be a non-empty list")
     turns: list[tuple[str, Any]] = []
@@ -122,6 +152,11 @@ def parse_messages(
                 text = part.get("text")
                 if not isinstance(text, str):
                     raise MessageError(f"{where}.content[{j}].text must be a string", f"{where}.content[{j}].text")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:  # JSON allows "\ud800"; no tokenizer or response can carry it
+                    raise MessageError(f"{where}.content[{j}].text is not valid Unicode (a lone surrogate at "
+                                       f"position {err.start})", f"{where}.content[{j}].text") from err
                 if IMAGE_TOKEN in text:
                     raise MessageError(f"{where}: the text may not contain {IMAGE_TOKEN!r}; send images as "
                                        "image_url parts", f"{where}.content[{j}].text")
@@ -138,8 +173,7 @@ def parse_messages(
                 raise MessageError(f"{where}: only one image per conversation is supported", f"{where}.content[{j}]")
             spec = part.get("image_url")
             url = spec.get("url") if isinstance(spec, dict) else spec
-            image = decode_image_url(url, allow_local_images=allow_local_images, max_bytes=max_image_bytes,
-                                     param=f"{where}.content[{j}].image_url")
+            image = decode_image_url(url, images, param=f"{where}.content[{j}].image_url")
         text = "\n".join(p for p in pieces if p.strip()).strip()
         if role == "user" and not text:
             raise MessageError(f"{where}: the user message has no text", f"{where}.content")

@@ -6,7 +6,9 @@ Routes: ``POST /v1/chat/completions`` (``model`` = adapter name, or the base mod
 
 Every bad request gets an OpenAI-shaped JSON error (``{"error": {"message", "type", "param", "code"}}``) and the
 server keeps running: malformed body -> 400, unknown model -> 404, bad image -> 400, prompt beyond the context
-limit -> 400, queue full -> 429.
+limit -> 400, body too large -> 413, not ``application/json`` -> 415, queue full -> 429, a ``Host`` header that
+is not the server's -> 421 (DNS rebinding), anything unexpected -> 500, all as JSON. Limits and how to expose the
+server safely: docs/security.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .batching import BatchScheduler, QueueFullError, ServingEngine, UnknownAdapterError
 from road_vlm.generation import GenerationRequest, GenerationResult, PromptTooLongError, SamplingError, SamplingParams
-from .messages import BadImageError, MessageError, parse_messages
+from .messages import BadImageError, ImagePolicy, MessageError, parse_messages
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,53 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DISCONNECT_POLL_S = 0.25
+
+
+def _host_name(header: str) -> str:
+    """The host part of a ``Host`` header (``[::1]:8000`` -> ``::1``, ``Example:80`` -> ``example``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _HostCheck:
+    """Serve only requests addressed to this server's own names: a page on another site can make the browser send
+    requests here, and DNS rebinding lets it read the answers. A plain ASGI middleware (Starlette's
+    BaseHTTPMiddleware would hide client disconnects from the endpoints, and so from cancellation)."""
+
+    def __init__(self, app: Any, allowed: set[str]) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if _host_name(host) not in self.allowed:
+                response = APIError(421, f"Host {host!r} is not served here (--allowed-hosts)",
+                                    code="host_not_allowed").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {int(declared)} bytes is larger than the server's limit of {limit} "
+                       "bytes (--max-body-bytes)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is larger than the server's limit of {limit} bytes "
+                           "(--max-body-bytes)", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(
     engine: ServingEngine,
     *,
@@ -102,12 +151,26 @@ def create_app(
     max_queue: int = 64,
     batch_window_s: float = 0.02,
     default_max_tokens: int = 256,
-    allow_local_images: bool = False,
-    max_image_bytes: int = 20 * 1024 * 1024,
+    max_tokens_cap: int = 2048,
+    images: ImagePolicy | None = None,
+    max_body_bytes: int | None = None,
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
     api_key: str | None = None,
     web_ui: bool = False,
 ) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the batch scheduler (``app.state.scheduler``)."""
+    """The FastAPI app; its lifespan starts and stops the batch scheduler (``app.state.scheduler``).
+
+    ``images``: what an image part may be (source, bytes, pixels, formats, concurrent decodes). ``max_body_bytes``
+    (default: room for one base64 image of ``images.max_bytes`` plus 1 MiB of text) bounds a request before it
+    is parsed. ``max_tokens_cap`` bounds a request's ``max_tokens``. ``allowed_hosts``: the ``Host`` names
+    served (None: any; only behind a proxy that checks them).
+    """
+    images = images or ImagePolicy()
+    if max_body_bytes is None:
+        max_body_bytes = images.max_bytes * 4 // 3 + (1 << 20)
+    if default_max_tokens > max_tokens_cap:
+        raise ValueError(f"default max_tokens {default_max_tokens} exceeds the cap {max_tokens_cap}")
+    allowed = None if allowed_hosts is None else {_host_name(h) for h in allowed_hosts}
     scheduler = BatchScheduler(
         engine, max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_s
     )
@@ -128,6 +191,14 @@ def create_app(
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
         return err.response()
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return APIError(500, f"internal server error ({type(err).__name__})", type_="server_error").response()
+
+    if allowed is not None:
+        app.add_middleware(_HostCheck, allowed=allowed)
+
     def _check_key(request: Request) -> None:
         if api_key is None:
             return
@@ -146,7 +217,7 @@ def create_app(
         data = [{"id": engine.base_name, "object": "model", "created": created, "owned_by": "road_vlm",
                  "adapter": None}]
         data += [{"id": name, "object": "model", "created": created, "owned_by": "road_vlm",
-                  "adapter": str(engine.adapter_dirs[name]), "root": engine.base_name}
+                  "root": engine.base_name}  # no directory: paths on this machine are not the client's business
                  for name in engine.adapter_names]
         return {"object": "list", "data": data}
 
@@ -159,10 +230,18 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         _check_key(request)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            # Also what keeps browsers from sending it cross-site without a CORS preflight (which fails).
+            raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}",
+                           code="unsupported_media_type")
+        raw = await _read_body(request, max_body_bytes)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"request body is not valid JSON: {err}") from err
+        except RecursionError as err:
+            raise APIError(400, "request body is nested too deeply") from err
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
         try:
@@ -178,19 +257,21 @@ def create_app(
             adapter = engine.resolve(req.model)
         except UnknownAdapterError as err:
             raise APIError(404, str(err), param="model", code="model_not_found") from err
+        max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        if max_new > max_tokens_cap:
+            raise APIError(400, f"max_tokens {max_new} exceeds the server's limit of {max_tokens_cap} "
+                           "(--max-tokens-cap)", param="max_tokens", code="max_tokens_exceeded")
         try:
             sampling = SamplingParams(
                 temperature=0.0 if req.temperature is None else float(req.temperature),
                 top_p=1.0 if req.top_p is None else float(req.top_p),
-                max_new_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
+                max_new_tokens=max_new,
             )
         except SamplingError as err:
             raise APIError(400, str(err)) from err
 
         def prepare() -> Any:
-            history, question, image = parse_messages(
-                req.messages, allow_local_images=allow_local_images, max_image_bytes=max_image_bytes
-            )
+            history, question, image = parse_messages(req.messages, images)
             return engine.prepare(adapter, history, question, image)
 
         try:
@@ -215,7 +296,7 @@ def create_app(
         except QueueFullError as err:
             raise APIError(429, str(err), type_="rate_limit_error", code="queue_full") from err
         try:
-            result: GenerationResult = await asyncio.wrap_future(future)
+            result: GenerationResult = await _await_unless_disconnected(request, future, gen_request)
         except asyncio.CancelledError:
             gen_request.cancelled.set()
             raise
@@ -238,6 +319,19 @@ def create_app(
 
         add_web_routes(app)
     return app
+
+
+async def _await_unless_disconnected(request: Request, future: concurrent.futures.Future[GenerationResult],
+                                     gen_request: GenerationRequest) -> GenerationResult:
+    """The result, or cancellation of the row as soon as the client has gone (the slot frees at the next step)."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            gen_request.cancelled.set()
+            return await waiting  # finishes at the next decode step with finish_reason "cancelled"
 
 
 def _stream(scheduler: BatchScheduler, request: GenerationRequest, completion_id: str, created: int,

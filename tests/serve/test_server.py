@@ -15,7 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from road_vlm.model import load_vlm
 from road_vlm.generation import GenerationRequest, SamplingParams, generate_batch
+from road_vlm.serve.messages import ImagePolicy
 from road_vlm.serve.server import create_app
+
+LOCAL = "http://127.0.0.1"  # the Host the server accepts (it refuses others: DNS rebinding)
 from road_vlm.serving import AdapterLoadError, BatchScheduler, QueueFullError, ServingEngine
 
 
@@ -43,7 +46,7 @@ def _reference_answer(base_dir, adapter_dir, question, image_path, max_new_token
 
 
 def test_models_lists_the_base_and_every_adapter(engine):
-    with TestClient(create_app(engine)) as client:
+    with TestClient(create_app(engine), base_url=LOCAL) as client:
         body = client.get("/v1/models").json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["base", "road4", "road1proj", "lora"]
@@ -58,7 +61,7 @@ def test_concurrent_requests_for_different_adapters_run_as_one_batch_and_match_e
     # The batch closes as soon as all four requests are in (max_batch_size), long before the window ends.
     app = create_app(engine, max_batch_size=len(cases), batch_window_s=30.0)
     before = engine.stats.batches
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         with ThreadPoolExecutor(len(cases)) as pool:
             futures = [pool.submit(client.post, "/v1/chat/completions",
                                    json=_ask(model, q, url if has_image else None)) for model, q, has_image in cases]
@@ -82,7 +85,7 @@ def test_concurrent_requests_for_different_adapters_run_as_one_batch_and_match_e
 
 def test_streaming_sends_chunks_then_done_and_matches_the_plain_answer(engine, image_path):
     body = _ask("road1proj", "What is in the image?", _data_url(image_path), max_tokens=8)
-    with TestClient(create_app(engine)) as client:
+    with TestClient(create_app(engine), base_url=LOCAL) as client:
         plain = client.post("/v1/chat/completions", json=body).json()
         with client.stream("POST", "/v1/chat/completions",
                            json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
@@ -125,7 +128,7 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_running(engine, i
         (json.dumps({"model": "road4", "messages": [{"role": "system", "content": "You are a pirate."},
                                                     {"role": "user", "content": "hi"}]}), 400, "system"),
     ]
-    with TestClient(create_app(engine)) as client:
+    with TestClient(create_app(engine), base_url=LOCAL) as client:
         for body, status, needle in cases:
             response = client.post("/v1/chat/completions", content=body,
                                    headers={"content-type": "application/json"})
@@ -139,7 +142,7 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_running(engine, i
 
 
 def test_local_images_only_when_allowed(engine, image_path):
-    with TestClient(create_app(engine, allow_local_images=True)) as client:
+    with TestClient(create_app(engine, images=ImagePolicy(allow_local_images=True)), base_url=LOCAL) as client:
         response = client.post("/v1/chat/completions", json=_ask("road4", "What is in the image?", str(image_path)))
         missing = client.post("/v1/chat/completions", json=_ask("road4", "hi", "/no/such/image.png"))
     assert response.status_code == 200
@@ -158,7 +161,7 @@ def test_full_queue_answers_429_and_the_server_recovers(engine):
     engine.generate = blocking_generate
     try:
         app = create_app(engine, max_queue=1, max_batch_size=1, batch_window_s=0.0)
-        with TestClient(app) as client:
+        with TestClient(app, base_url=LOCAL) as client:
             with ThreadPoolExecutor(1) as pool:
                 first = pool.submit(client.post, "/v1/chat/completions", json=_ask("road4", "hi"))
                 assert entered.wait(60)
@@ -222,7 +225,7 @@ def test_unknown_adapter_and_name_clash_are_refused(tiny_llava_dir, adapter_dirs
 
 
 def test_api_key_is_required_when_configured(engine):
-    with TestClient(create_app(engine, api_key="s3cret")) as client:
+    with TestClient(create_app(engine, api_key="s3cret"), base_url=LOCAL) as client:
         missing = client.get("/v1/models")
         wrong = client.post("/v1/chat/completions", json=_ask("road4", "hi"),
                             headers={"Authorization": "Bearer nope"})

@@ -17,16 +17,18 @@ from fastapi.testclient import TestClient
 
 from road_vlm.serve.server import create_app
 
+LOCAL = "http://127.0.0.1"  # the Host the server accepts (it refuses others: DNS rebinding)
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver element reference key
 
 
 def test_page_and_demo_image_are_served(engine):
-    with TestClient(create_app(engine, web_ui=True)) as client:
+    with TestClient(create_app(engine, web_ui=True), base_url=LOCAL) as client:
         page = client.get("/")
         demo = client.get("/demo.png")
-        api_only = TestClient(create_app(engine)).get("/")
+        api_only = TestClient(create_app(engine), base_url=LOCAL).get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for element_id in ("model", "image-input", "demo-image", "question", "send", "reset", "log", "error"):
         assert f'id="{element_id}"' in page.text
