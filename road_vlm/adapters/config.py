@@ -21,6 +21,7 @@ trains; ``configs/llava15_7b_pretrain.yaml``), and its checkpoint is a projector
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
@@ -86,8 +87,9 @@ class AdapterConfig:
             raise AdapterConfigError(f"group_size must be a positive even number, got {self.group_size}")
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
             raise AdapterConfigError(f"lora_r must be a positive int, got {self.lora_r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise AdapterConfigError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if (not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool)
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
+            raise AdapterConfigError(f"lora_alpha must be a positive finite number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= float(self.lora_dropout) < 1.0:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.train_projector, bool):

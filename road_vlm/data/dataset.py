@@ -158,12 +158,17 @@ def encode_shard(
     shard_index: int = 0,
     num_shards: int = 1,
     template: str = "vicuna_v1",
+    allow_images_outside_folder: bool = False,
 ) -> tuple[Any, DataStats]:
     """Validate every record, then check images and tokenise records ``shard_index::num_shards``.
 
     Returns the shard as a ``datasets.Dataset`` and its stats (``num_records`` counts the whole file). Training
     processes each encode one shard and merge them with ``merge_shards``, so start-up tokenisation of a 665k-sample
     file is split across ranks instead of repeated by each.
+
+    Image paths must stay inside the image folder once resolved (no ``..``, absolute paths or symlinks leading
+    out) unless ``allow_images_outside_folder``; the shard's first image is decoded up front, so a file that is
+    not an image fails now rather than mid-training.
     """
     import datasets
 
@@ -174,10 +179,16 @@ def encode_shard(
     records = read_records(data_path)  # every rank validates the whole file's structure: cheap, and fails alike
     stats = DataStats(num_records=len(records))
     columns: dict[str, list[Any]] = {name: [] for name in _features()}
+    root = folder.resolve()
+    first_image: tuple[_Record, Path] | None = None
     for order in range(shard_index, len(records), num_shards):
         rec = records[order]
         if rec.image is not None:
             image_path = folder / rec.image
+            if not allow_images_outside_folder and not image_path.resolve().is_relative_to(root):
+                raise DataError(f"{rec.where}: image path {rec.image!r} leads out of the image folder {folder} "
+                                "(.., an absolute path or a symlink); set data.allow_images_outside_folder=true if "
+                                "that is intended")
             # Existence only: decoding every image up front would cost as much as an epoch of data loading.
             if not image_path.is_file():
                 if on_bad_image == "error":
@@ -204,11 +215,20 @@ def encode_shard(
             continue
         if enc.truncated:
             stats.truncated_ids.append(rec.sample_id)
+        if rec.image is not None and first_image is None:
+            first_image = (rec, image_path)
         for name, value in (("order", order), ("id", rec.sample_id), ("image", rec.image),
                             ("input_ids", enc.input_ids), ("labels", enc.labels),
                             ("modality_length", modality_length(rec.conversations, rec.image is not None))):
             columns[name].append(value)
     stats.num_truncated = len(stats.truncated_ids)
+    if first_image is not None and on_bad_image == "error":
+        rec, image_path = first_image
+        try:
+            load_image(image_path)
+        except ImageLoadError as err:
+            raise DataError(f"{rec.where}: {err} (checked before training; set data.on_bad_image=skip to skip "
+                            "unreadable images)") from err
     return datasets.Dataset.from_dict(columns, features=_features()), stats
 
 
@@ -256,10 +276,12 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         image_aspect_ratio: str = "pad",
         on_bad_image: str = "error",
         template: str = "vicuna_v1",
+        allow_images_outside_folder: bool = False,
     ) -> None:
         shard = encode_shard(
             data_path, tokenizer=tokenizer, num_image_tokens=num_image_tokens, image_token_id=image_token_id,
             max_length=max_length, image_folder=image_folder, on_bad_image=on_bad_image, template=template,
+            allow_images_outside_folder=allow_images_outside_folder,
         )
         samples, stats = merge_shards([shard], data_path)
         self._setup(samples, stats, data_path=data_path, image_processor=image_processor, image_folder=image_folder,

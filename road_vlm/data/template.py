@@ -58,8 +58,8 @@ class PromptFormat:
             raise ValueError(
                 f"unknown image_aspect_ratio {self.image_aspect_ratio!r}; known: {', '.join(IMAGE_ASPECT_RATIOS)}"
             )
-        if self.max_length <= 0:
-            raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length <= 0:
+            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / PROMPT_FORMAT_FILE

@@ -129,6 +129,7 @@ def index_predictions(predictions: list[dict[str, Any]], source: str, known: set
     for i, row in enumerate(predictions, start=1):
         if "question_id" not in row or "text" not in row:
             raise EvalDataError(f"{source}: prediction #{i} lacks 'question_id' or 'text'")
+        require_text(row, source, i)
         key = qid_key(row["question_id"])
         if key in out:
             raise EvalDataError(f"{source}: duplicate prediction for question_id {row['question_id']!r} (row #{i})")
@@ -137,6 +138,13 @@ def index_predictions(predictions: list[dict[str, Any]], source: str, known: set
                                 "which is not a question of this benchmark")
         out[key] = row
     return out
+
+
+def require_text(row: dict[str, Any], source: str, index: int) -> None:
+    """An answer's text must be a string: a null would otherwise score as something (POPE: "None" -> yes)."""
+    if not isinstance(row["text"], str):
+        raise EvalDataError(f"{source}: prediction #{index} (question_id {row.get('question_id')!r}) has text "
+                            f"{row['text']!r}; expected a string")
 
 
 def require_complete(expected: list[str], have: dict[str, Any], source: str, benchmark: str) -> None:

@@ -19,6 +19,7 @@ from road_vlm.eval.common import (
     EvalQuestion,
     check_images,
     qid_key,
+    require_text,
     read_json,
     read_question_file,
     require_fields,
@@ -97,6 +98,7 @@ def score(predictions: list[dict[str, Any]], data_root: str | Path, *, limit: in
     for i, row in enumerate(predictions, start=1):
         if "question_id" not in row or "text" not in row or "prompt" not in row:
             raise EvalDataError(f"{source}: prediction #{i} lacks 'question_id', 'prompt' or 'text'")
+        require_text(row, source, i)
         pair = (qid_key(row["question_id"]), question_from_prompt(str(row["prompt"])))
         if pair not in annotations:
             raise EvalDataError(f"{source}: prediction #{i} (question_id {row['question_id']!r}, question "

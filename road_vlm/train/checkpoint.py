@@ -9,6 +9,12 @@
 - ``deepspeed/``: DeepSpeed engine, optimizer (ZeRO partitions) and LR scheduler state (frozen base weights
   excluded, so a 7B checkpoint is megabytes, not 14 GB)
 - ``rng_state_<rank>.safetensors``: every rank's python / numpy / torch / accelerator RNG state
+- ``road_vlm_manifest.json``: size and SHA-256 of every other file, written last
+
+DeepSpeed's ``load_checkpoint`` unpickles its files (``torch.load(weights_only=False)``), and unpickling runs
+code. So resume loads only checkpoints this package wrote: before DeepSpeed reads anything, every file must be
+listed in the manifest with its size and digest, and nothing unlisted may be there. Everything road_vlm reads
+itself is safetensors or JSON.
 
 Every rank writes into ``.tmp-checkpoint-<step>/``; after a barrier rank 0 renames it to ``checkpoint-<step>``.
 A rename is atomic, so a ``checkpoint-*`` directory is always complete and a run killed mid-save leaves the
@@ -42,6 +48,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
 ENGINE_TAG = "deepspeed"
+MANIFEST_FILE = "road_vlm_manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -106,10 +113,13 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
             )
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"train.resume={resume}: not a checkpoint directory (no {STATE_FILE})")
+        path = latest_checkpoint(output_dir)
+    else:
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"train.resume={resume}: not a checkpoint directory (no {STATE_FILE})")
+    if path is not None:
+        verify_manifest(path)  # fail before the model loads; load_checkpoint checks again right before use
     return path
 
 
@@ -154,6 +164,56 @@ def load_rng_state(directory: Path, rank: int) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(directory: Path) -> Path:
+    """Record size and SHA-256 of every file under ``directory`` (call when everything else is written)."""
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+             for p in _files(directory)}
+    path = directory / MANIFEST_FILE
+    path.write_text(json.dumps({"format": "road_vlm checkpoint", "version": 1, "files": files}, indent=1) + "\n")
+    return path
+
+
+def verify_manifest(directory: Path) -> None:
+    """Refuse a checkpoint this package did not write, or one changed since: DeepSpeed will unpickle its files."""
+    path = directory / MANIFEST_FILE
+    hint = ("DeepSpeed unpickles checkpoint files, which can run code, so road_vlm resumes only from checkpoints "
+            "it wrote; move it out of the output directory or choose a new output.dir")
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST_FILE} (not written by road_vlm, or by a version without "
+                              f"manifests). {hint}")
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable manifest ({err}). {hint}") from err
+    present = {p.relative_to(directory).as_posix(): p for p in _files(directory)}
+    unlisted = sorted(set(present) - set(listed))
+    if unlisted:
+        raise CheckpointError(f"{directory}: file(s) not in the manifest: {', '.join(unlisted[:3])}. {hint}")
+    for name, entry in listed.items():
+        file = present.get(name)
+        if file is None:
+            raise CheckpointError(f"{directory}: {name} is in the manifest but missing. {hint}")
+        if file.stat().st_size != entry["bytes"] or _digest(file) != entry["sha256"]:
+            raise CheckpointError(f"{directory}: {name} differs from the manifest (modified after saving). {hint}")
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 
 
@@ -184,8 +244,9 @@ def save_checkpoint(
         PromptFormat(config.data.template, config.data.image_aspect_ratio, config.data.max_length).save(tmp)
         config.save(tmp / "config.yaml")
         state.save(tmp)
-    barrier()
+    barrier()  # every rank's files are written
     if dist.is_main:
+        write_manifest(tmp)
         if final.exists():  # same step saved by an earlier (interrupted) run: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -205,6 +266,7 @@ def _rotate(output_dir: Path, limit: int | None) -> None:
 
 def load_checkpoint(engine: Any, directory: Path, dist: DistInfo) -> TrainerState:
     """Restore engine/optimizer/scheduler state, this rank's RNG state, and return the trainer state."""
+    verify_manifest(directory)  # again, right before DeepSpeed unpickles (the model load took minutes)
     state = TrainerState.load(directory)
     if state.world_size != dist.world_size:
         raise CheckpointError(

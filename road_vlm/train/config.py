@@ -51,6 +51,7 @@ class DataConfig:
     image_aspect_ratio: str = "pad"  # pad (LLaVA-1.5 expand2square) | crop (bare CLIP processor)
     group_by_modality_length: bool = False  # LLaVA's modality-grouped sampler (mixed image/text data only)
     on_bad_image: str = "error"  # error | skip (skipped samples are counted and reported)
+    allow_images_outside_folder: bool = False  # image paths may leave image_folder (.., absolute, symlinks)
     num_workers: int = 0  # DataLoader worker processes (image decoding)
     generate_synthetic_if_missing: int = 0  # demo only: write N synthetic samples at `path` if it is absent
 

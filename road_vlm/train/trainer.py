@@ -167,7 +167,7 @@ def build_dataset(config: TrainingConfig, processor: Any, model: Any, dist: Dist
     encode_kwargs = dict(
         tokenizer=tokenizer, num_image_tokens=num_image_tokens(processor), image_token_id=model.config.image_token_id,
         max_length=config.data.max_length, image_folder=config.data.image_folder, on_bad_image=config.data.on_bad_image,
-        template=config.data.template,
+        template=config.data.template, allow_images_outside_folder=config.data.allow_images_outside_folder,
     )
     wrap_kwargs = dict(data_path=config.data.path, image_processor=processor.image_processor,
                        image_folder=config.data.image_folder, image_aspect_ratio=config.data.image_aspect_ratio,

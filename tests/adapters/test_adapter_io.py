@@ -152,6 +152,24 @@ def test_bad_config_files_name_the_file(adx, tmp_path):
         load_adapter(adx.build_tiny(), tmp_path / "nope")
 
 
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -4.0, 0])
+def test_config_values_are_validated_not_only_shapes(adx, tmp_path, alpha):
+    _, path = _saved(adx, tmp_path, "lora")
+    cfg_file = path / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "lora_alpha": alpha}))  # NaN/Infinity literals
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: lora_alpha must be a positive finite number"):
+        load_adapter(adx.build_tiny(), path)
+
+
+def test_prompt_format_rejects_a_boolean_max_length(tmp_path):
+    from road_vlm.data.template import PromptFormat
+
+    (tmp_path / "prompt_format.json").write_text(json.dumps({"template": "vicuna_v1", "max_length": True}))
+    with pytest.raises(ValueError, match=r"prompt_format\.json: invalid prompt format: max_length must be a positive "
+                                         r"integer, got True"):
+        PromptFormat.load(tmp_path)
+
+
 def test_projector_file_is_validated(adx, tmp_path):
     _, path = _saved(adx, tmp_path, "road1_lora", train_projector=True)
     (path / "projector.safetensors").unlink()

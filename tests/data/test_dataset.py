@@ -101,14 +101,37 @@ def test_missing_image_is_an_error_or_a_counted_skip(tmp_path, processor):
 
 
 def test_unreadable_image_fails_at_load_time_or_is_skipped_without_supervision(tmp_path, processor):
-    path = _write(tmp_path, [_img_sample("bad", image="bad.png"), _text_sample("t")])
+    path = _write(tmp_path, [_img_sample("ok"), _img_sample("bad", image="bad.png"), _text_sample("t")])
     (tmp_path / "bad.png").write_bytes(b"definitely not a png")
-    ds = _dataset(path, processor)  # existence is checked up front, decoding is lazy
+    ds = _dataset(path, processor)  # existence is checked up front, decoding (but for the first image) is lazy
     with pytest.raises(DataError, match=r"id bad.*bad\.png"):
-        ds[0]
-    item = _dataset(path, processor, on_bad_image="skip")[0]
+        ds[1]
+    item = _dataset(path, processor, on_bad_image="skip")[1]
     assert item["skipped"] and (item["labels"] == IGNORE_INDEX).all()
     assert item["pixel_values"].shape == (3, 32, 32) and torch.count_nonzero(item["pixel_values"]) == 0
+
+
+def test_a_first_image_that_is_not_an_image_fails_before_training(tmp_path, processor):
+    path = _write(tmp_path, [_img_sample("fake", image="fake.png"), _img_sample("ok")])
+    (tmp_path / "fake.png").write_text("a text file named like an image")
+    with pytest.raises(DataError, match=r"data\.json record 0 \(id fake\).*checked before training"):
+        _dataset(path, processor)
+    assert len(_dataset(path, processor, on_bad_image="skip")) == 2
+
+
+@pytest.mark.parametrize("escape", ["../outside.png", "ABS", "link.png"])
+def test_image_paths_may_not_leave_the_image_folder(tmp_path, processor, escape):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    if escape == "ABS":
+        escape = str(tmp_path / "outside.png")
+    elif escape == "link.png":
+        (folder / "link.png").symlink_to(tmp_path / "outside.png")
+    path = _write(folder, [_img_sample("ok"), _img_sample("esc", image=escape)])
+    with pytest.raises(DataError, match=r"record 1 \(id esc\): image path .* leads out of the image folder"):
+        _dataset(path, processor)
+    assert len(_dataset(path, processor, allow_images_outside_folder=True)) == 2
 
 
 def test_image_tokens_beyond_max_length_are_dropped_and_counted(tmp_path, processor):

@@ -298,6 +298,13 @@ def test_pope_stray_label_file_and_missing_answers_are_errors(pope_root: Path) -
         pope.score([{"question_id": q, "text": "yes"} for q in range(1, 7)], pope_root)
 
 
+def test_a_null_answer_is_an_error_not_a_yes(pope_root: Path) -> None:
+    rows = [{"question_id": q, "text": "no"} for q in range(1, 7)]
+    rows[2]["text"] = None  # LLaVA's parser would read "None" as yes
+    with pytest.raises(EvalDataError, match=r"prediction #3 \(question_id 3\) has text None; expected a string"):
+        pope.score(rows, pope_root)
+
+
 def test_pope_reordered_answers_are_paired_by_question(pope_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     texts = {1: "Yes", 2: "No", 3: "No", 4: "Yes", 5: "Yes", 6: "No"}
     in_order = pope.score([{"question_id": q, "text": t} for q, t in texts.items()], pope_root)

@@ -22,9 +22,13 @@ from train_helpers import demo_config, python_command, run_training, write_confi
 
 
 def _fake_checkpoint(out: Path, step: int) -> Path:
+    from road_vlm.train.checkpoint import write_manifest
+
     ckpt = out / f"checkpoint-{step}"
-    ckpt.mkdir(parents=True)
+    (ckpt / "deepspeed").mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torch.save({"step": step}, ckpt / "deepspeed" / "mp_rank_00_model_states.pt")  # what DeepSpeed unpickles
+    write_manifest(ckpt)
     return ckpt
 
 
@@ -41,6 +45,32 @@ def test_resume_auto_picks_newest_complete_checkpoint_and_ignores_partial_saves(
         resolve_resume("never", tmp_path)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         resolve_resume(str(tmp_path / "checkpoint-20"), tmp_path)
+
+
+class _Payload:  # what a planted pickle would run
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.parametrize("tamper", ["no_manifest", "modified", "planted", "missing"])
+def test_resume_refuses_checkpoints_road_vlm_did_not_write(tmp_path: Path, tamper: str):
+    ckpt = _fake_checkpoint(tmp_path, 7)
+    engine_file = ckpt / "deepspeed" / "mp_rank_00_model_states.pt"
+    if tamper == "no_manifest":
+        (ckpt / "road_vlm_manifest.json").unlink()
+        needle = "no road_vlm_manifest.json"
+    elif tamper == "modified":
+        torch.save({"step": _Payload()}, engine_file)
+        needle = "differs from the manifest"
+    elif tamper == "planted":
+        torch.save(_Payload(), ckpt / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        needle = "not in the manifest: deepspeed/zero_pp_rank_1"
+    else:
+        engine_file.unlink()
+        needle = "in the manifest but missing"
+    with pytest.raises(CheckpointError, match=needle) as info:
+        resolve_resume("auto", tmp_path)
+    assert "unpickles" in str(info.value)
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path: Path):
