@@ -239,3 +239,26 @@ def test_soak_mixed_good_hostile_and_abandoned_requests(server, reference):
         time.sleep(0.1)
     assert _pending(server) == 0
     _still_serves(server, reference)
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--port", "99999", "99999 is out of range [1, 65535]"),
+    ("--max-batch-size", "0", "0 is out of range [1, inf]"),
+    ("--max-image-pixels", "lots", "expected an integer, got 'lots'"),
+])
+def test_bad_server_flags_are_argument_errors_before_anything_loads(serve_cli, capsys, flag, value, needle):
+    with pytest.raises(SystemExit) as info:
+        serve_cli.parse_args(["serve", "--model", "/nonexistent/model", flag, value])
+    assert info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_api_key_comes_from_a_file_or_the_environment_not_only_argv(serve_cli, tmp_path, monkeypatch):
+    from road_vlm.serve.commands import _api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert _api_key(serve_cli.parse_args(["serve", "--model", "m", "--api-key-file", str(key_file)])) == "from-file"
+    monkeypatch.setenv("ROAD_VLM_API_KEY", "from-env")
+    assert _api_key(serve_cli.parse_args(["serve", "--model", "m"])) == "from-env"
+    with pytest.raises(ValueError, match="not both"):
+        _api_key(serve_cli.parse_args(["serve", "--model", "m", "--api-key", "x", "--api-key-file", str(key_file)]))
