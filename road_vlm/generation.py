@@ -13,7 +13,9 @@ which decodes each row incrementally and never emits half a UTF-8 character.
 
 from __future__ import annotations
 
+import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -167,12 +169,21 @@ def prepare_prompt(
     return PreparedPrompt(input_ids=ids, pixel_values=pixel_values, context_limit=limit)
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama / SentencePiece naming)
+
+
 class _RowStreamer(BaseStreamer):
     """Receives ``generate()``'s token stream for a whole batch and turns it into per-row text pieces.
 
     transformers calls ``put`` once with the padded prompts ``[B, L]`` and then once per step with the new
     tokens ``[B]``. A row is finished at its first EOS token, at its token limit or when cancelled; tokens
     generate() appends to finished rows (padding) are ignored.
+
+    Detokenisation is incremental, with a prefix and a read offset per row (as vLLM and TGI do): each step
+    decodes only the window from the prefix offset, and emits what it adds beyond the already-read part, unless
+    it ends in U+FFFD (a byte-fallback character still incomplete). Decoding a window rather than every token
+    so far keeps earlier text fixed, so a stream never stalls on a changed prefix; the row's final text is the
+    concatenation of its pieces, flushed at the end, so streamed and non-streamed text are the same string.
     """
 
     def __init__(self, tokenizer: Any, requests: Sequence[GenerationRequest], max_new: Sequence[int],
@@ -183,7 +194,9 @@ class _RowStreamer(BaseStreamer):
         self.eos_ids = eos_ids
         n = len(self.requests)
         self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.emitted: list[str] = ["" for _ in range(n)]
+        self.pieces: list[list[str]] = [[] for _ in range(n)]
+        self.prefix_offset = [0] * n  # where the decoding window starts
+        self.read_offset = [0] * n  # tokens up to here are already emitted
         self.finish: list[str | None] = [None] * n
         self._seen_prompt = False
 
@@ -214,20 +227,35 @@ class _RowStreamer(BaseStreamer):
                 self.finish[row] = "length"
 
     def text(self, row: int) -> str:
-        return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        return "".join(self.pieces[row])
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _is_byte_piece(self, token_id: int) -> bool:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        return isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece) is not None
 
     def _emit(self, row: int, *, final: bool) -> None:
-        text = self.text(row)
-        # A byte-fallback character split over several tokens decodes to U+FFFD until complete: wait for it.
-        if not final and text.endswith("\ufffd"):
+        tokens, start, read = self.tokens[row], self.prefix_offset[row], self.read_offset[row]
+        if not final and self._is_byte_piece(tokens[-1]):
+            # A run of byte-fallback tokens is decoded as one group, and one invalid byte turns the whole group
+            # into U+FFFD: text from an open group may still change, so wait until a normal token closes it.
             return
-        done = self.emitted[row]
-        if not text.startswith(done) or len(text) == len(done):
-            return  # nothing new (or a re-tokenised prefix that can no longer be streamed exactly)
-        self.emitted[row] = text
+        already = self._decode(tokens[start:read])
+        window = self._decode(tokens[start:])
+        if not final and (window.endswith("\ufffd") or len(window) <= len(already)):
+            return  # an incomplete character, or nothing new yet (e.g. a lone space-marker token)
+        # The window extends the read part, so its text extends the read text (with these decoders); were it not
+        # to, emit only what differs from the common prefix rather than repeat or drop text.
+        piece = window[len(os.path.commonprefix([already, window])):]
+        self.prefix_offset[row], self.read_offset[row] = read, len(tokens)
+        if not piece:
+            return
+        self.pieces[row].append(piece)
         callback = self.requests[row].on_text
         if callback is not None:
-            callback(text[len(done):])
+            callback(piece)
 
 
 class _PerRowSampling(LogitsProcessor):

@@ -11,6 +11,7 @@ from road_vlm.data.images import load_image
 from road_vlm.data.template import PromptFormat, encode_prompt
 from road_vlm.model import load_vlm, num_image_tokens
 from road_vlm.generation import (
+    PreparedPrompt,
     GenerationRequest,
     PromptTooLongError,
     SamplingError,
@@ -152,3 +153,41 @@ def test_every_decode_step_feeds_the_lm_head_a_contiguous_input(base):
     assert len(seen) == 3 and all(seen)
     hooks = len(head._forward_pre_hooks)
     assert contiguous_lm_head_input(model) is model and len(head._forward_pre_hooks) == hooks  # idempotent
+
+
+PROMPTS = ["Describe the image briefly.", "What?", "Hello there", "Which shape has three sides?",
+           "What color is the circle?", "Tell me a story.", "Read the sign."]
+
+
+def test_streamed_text_equals_the_answer_even_with_invalid_byte_sequences(base):
+    # The random tiny model emits byte-fallback tokens that do not form valid UTF-8; a byte group is decoded as a
+    # whole, so text from a group still open may change (once seen: stream 'weenm', answer 'ween\ufffd\ufffd...').
+    model, processor, fmt = base
+    tokenizer = processor.tokenizer
+    saw_invalid = False
+    for question in PROMPTS:
+        prompt = prepare_prompt(model, processor, fmt, [], question)
+        (result,) = generate_batch(model, tokenizer, [GenerationRequest(prompt, sampling=SamplingParams(max_new_tokens=60))])
+        streamed = StreamedGeneration(model, tokenizer, GenerationRequest(prompt, sampling=SamplingParams(max_new_tokens=60)))
+        pieces = list(streamed)
+        assert len(pieces) > 1 and "".join(pieces) == result.text, question
+        assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True), question
+        saw_invalid |= "\ufffd" in result.text
+    assert saw_invalid, "no prompt produced an invalid byte sequence: the test no longer covers the case"
+
+
+def test_a_closed_invalid_byte_group_replaces_text_the_stream_had_not_yet_sent(base):
+    from road_vlm.generation import _RowStreamer
+
+    _, processor, _ = base
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(["▁square", "<0x36>", "<0xA5>", "▁square"])  # '6' then a lone 0xA5
+    pieces: list[str] = []
+    request = GenerationRequest(PreparedPrompt([1], None, 64), on_text=pieces.append)
+    streamer = _RowStreamer(tokenizer, [request], [10], eos_ids={2})
+    streamer.put(torch.tensor([[1]]))
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(pieces) == streamer.text(0) == tokenizer.decode(ids) == "square\ufffd\ufffd square"
+    assert not any("6" in piece for piece in pieces)  # the '6' was never sent: its group turned out invalid

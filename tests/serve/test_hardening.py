@@ -262,3 +262,17 @@ def test_api_key_comes_from_a_file_or_the_environment_not_only_argv(serve_cli, t
     assert _api_key(serve_cli.parse_args(["serve", "--model", "m"])) == "from-env"
     with pytest.raises(ValueError, match="not both"):
         _api_key(serve_cli.parse_args(["serve", "--model", "m", "--api-key", "x", "--api-key-file", str(key_file)]))
+
+
+def test_streamed_answers_equal_plain_answers_through_the_server(server):
+    for question in ("Tell me a story.", "Hello there"):
+        plain = httpx.post(f"{server}/v1/chat/completions", json=_body(question, max_tokens=60), timeout=60).json()
+        pieces = []
+        with httpx.stream("POST", f"{server}/v1/chat/completions", json=_body(question, max_tokens=60, stream=True),
+                          timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    delta = json.loads(line[6:])["choices"]
+                    if delta:
+                        pieces.append(delta[0]["delta"].get("content", ""))
+        assert "".join(pieces) == plain["choices"][0]["message"]["content"], question
