@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +127,47 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+@contextmanager
+def zero3_partitioned_loading(ds_config: dict[str, Any] | None, model_config: Any = None) -> Iterator[None]:
+    """While active, transformers' ``from_pretrained`` builds the model inside ``deepspeed.zero.Init`` and loads
+    the weights partition by partition (its ``HfDeepSpeedConfig`` route, as HF's Trainer does): no rank ever holds
+    the whole base. ``None``: a no-op (ZeRO-0/1/2 keep a full copy per rank anyway). Unset afterwards, so later
+    loads in the same process (the final reload check) are ordinary ones.
+
+    ``model_config``: the checkpoint's config, whose modeling modules are imported first. zero.Init wraps every
+    module class's ``__init__`` and puts back what it saw on exit; a class first defined inside the context is
+    wrapped before class decorators run, so on exit it loses them (transformers' kernels decorator on
+    LlamaAttention: models built later failed with "no attribute '_kernel_funcs'").
+    """
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if model_config is not None:
+        _import_model_classes(model_config)
+    keep_alive = HfDeepSpeedConfig(copy.deepcopy(ds_config))  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
+def _import_model_classes(model_config: Any) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING
+
+    for sub in (model_config, getattr(model_config, "text_config", None), getattr(model_config, "vision_config", None)):
+        for mapping in (MODEL_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING):
+            if sub is not None and type(sub) in mapping:
+                mapping[type(sub)]  # noqa: B018 - the lookup imports the modeling module
+
+
+def partition_stats(model: Any) -> dict[str, Any]:
+    """How much of ``model``'s ZeRO-3-partitioned parameters this rank holds (elements), and of how many."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    return {"zero3_partitioned": bool(partitioned),
+            "local_elements": int(sum(p.ds_tensor.numel() for p in partitioned)),
+            "total_elements": int(sum(p.ds_numel for p in partitioned))}

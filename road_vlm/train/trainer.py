@@ -46,7 +46,14 @@ from road_vlm.train.checkpoint import (
 )
 from road_vlm.train.config import ConfigError, TrainingConfig
 from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
-from road_vlm.train.ds_config import build_deepspeed_config, offloads_optimizer, read_deepspeed_json, zero_stage
+from road_vlm.train.ds_config import (
+    build_deepspeed_config,
+    offloads_optimizer,
+    partition_stats,
+    read_deepspeed_json,
+    zero3_partitioned_loading,
+    zero_stage,
+)
 from road_vlm.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 from road_vlm.train.stand_in import STAND_IN, install_stand_in
 from road_vlm.train.reporting import Reporter, format_summary, peak_memory_bytes, plot_loss, write_summary
@@ -114,6 +121,14 @@ def _first_error(dist: DistInfo, fn, *args, **kwargs):
     return result
 
 
+def _text_hidden_size(name_or_path: str) -> int:
+    """The language model's hidden size from the checkpoint's config (DeepSpeed's bucket sizes need it before
+    the model is built)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(name_or_path, trust_remote_code=False).text_config.hidden_size)
+
+
 def _require_wandb() -> None:
     try:
         import wandb  # noqa: F401
@@ -121,12 +136,21 @@ def _require_wandb() -> None:
         raise ConfigError("output.report_to=wandb needs the wandb package (pip install wandb)") from err
 
 
-def load_model_with_adapter(config: TrainingConfig, device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """Base LLaVA + a fresh adapter; vision tower and all base weights frozen, projector per the config."""
+def load_model_with_adapter(config: TrainingConfig, device: str | torch.device = "cpu",
+                            zero3_config: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """Base LLaVA + a fresh adapter; vision tower and all base weights frozen, projector per the config.
+
+    ``zero3_config``: the DeepSpeed ZeRO-3 config; the base is then constructed and loaded partitioned
+    (``zero3_partitioned_loading``), and the adapter is attached to the partitioned model.
+    """
     from road_vlm.adapters import AdapterConfigError, add_adapter
     from road_vlm.model import load_base
 
-    model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config))
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=False)
+    with zero3_partitioned_loading(zero3_config, model_config):
+        model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config))
     model.config.use_cache = False
     try:
         add_adapter(model, config.adapter, name=ADAPTER_NAME)
@@ -251,11 +275,17 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     if config.output.report_to == "wandb":
         _first_error(dist, _require_wandb)
 
-    # ZeRO-0/1/2 keep a full model copy per rank: load it straight onto the accelerator. ZeRO-3 partitions it in
-    # deepspeed.initialize, so it is loaded on the host first (a zero.Init load would avoid the host copy).
     stage = zero_stage(raw_ds)
-    load_device = dist.device if stage < 3 else "cpu"
-    model, processor = _first_error(dist, load_model_with_adapter, config, load_device)
+    ds_config = _first_error(dist, build_deepspeed_config, raw_ds, config, world_size=dist.world_size,
+                             hidden_size=_text_hidden_size(config.model.name_or_path), source=config.deepspeed.config)
+    # ZeRO-0/1/2 keep a full model copy per rank, loaded straight onto the accelerator. ZeRO-3 constructs and loads
+    # the base inside zero.Init, so no rank ever holds all of it (13B in bf16 would be 26 GB per rank otherwise).
+    model, processor = _first_error(dist, load_model_with_adapter, config, dist.device,
+                                    zero3_config=ds_config if stage == 3 else None)
+    base_load = {**partition_stats(model), **peak_memory_bytes(dist.device)}  # peaks so far: the load
+    if dist.is_main and base_load["zero3_partitioned"]:
+        logger.info("base loaded partitioned: this rank holds %s of %s elements", f"{base_load['local_elements']:,}",
+                    f"{base_load['total_elements']:,}")
     dataset = build_dataset(config, processor, model, dist)
     if dist.is_main:
         logger.info("data: %s", summarize_drops(dataset.stats))
@@ -263,9 +293,6 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from road_vlm.adapters import trainable_parameters
 
     trainable, total = trainable_parameters(model)
-    hidden = model.config.text_config.hidden_size
-    ds_config = _first_error(dist, build_deepspeed_config, raw_ds, config, world_size=dist.world_size,
-                             hidden_size=hidden, source=config.deepspeed.config)
     t = config.train
     layout = BatchLayout(dist.world_size, t.per_device_batch_size, t.gradient_accumulation_steps)
     per_epoch = steps_per_epoch(len(dataset), layout)
@@ -397,6 +424,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         "world_size": dist.world_size,
         "global_batch": layout.global_batch,
         "zero_stage": stage,
+        "base_load": base_load,
         "skipped_samples": state.skipped_samples,
         "data": dataset.stats.to_dict(),
         "final_checkpoint": str(final),

@@ -89,6 +89,7 @@ def test_zero3_trains_to_the_end_and_matches_zero2_when_ranks_disagree_on_images
     out = tmp_path / "run"
     summary = _train(tiny_llava_dir, mixed_data, out, zero)
     assert summary["global_step"] == STEPS and summary["zero_stage"] == 3
+    assert summary["base_load"]["zero3_partitioned"]  # loaded under zero.Init, adapter attached to the partitions
     assert summary["reload_check"]["max_abs_diff"] < 1e-5
     # Same data, same order, same loss: only the reduction order differs (DeepSpeedCPUAdam with offload).
     _assert_same_adapter(_adapter(out), _adapter(zero2_reference), atol=1e-4)

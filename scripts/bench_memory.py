@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Host memory of ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload on 2 CPU ranks, and the model-states split at
+LLaVA-1.5-7B/13B size on 8 GPUs.
+
+    python scripts/bench_memory.py            # a ~340M-parameter LLaVA-architecture model, hidden 4096, 2 layers
+    python scripts/bench_memory.py --quick    # a tiny model: checks the script runs (seconds per stage)
+
+Each configuration is a real `deepspeed --num_gpus 2 scripts/train.py` run of configs/demo.yaml (2 steps, fp32,
+DS_ACCELERATOR=cpu) on a random model with 7B-like widths; rank 0 reports its peak RSS right after loading the
+base and at the end (summary.json). ZeRO-3 loads the base inside zero.Init, so each rank should hold about half.
+The estimate part counts model states per GPU for RoAd4 (frozen bf16 base; fp32 master, Adam moments and bf16
+copy of the trainable parameters), next to DeepSpeed's own estimator for a *full* finetune of the same sizes.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ("zero2", "zero3", "zero3_offload")
+GIB = 2 ** 30
+
+# LLaVA-1.5 sizes: total parameters (CLIP ViT-L/14-336 + projector + Vicuna), largest layer (the embedding),
+# and RoAd4 + projector trainable parameters (README's counts; 13B: 4 x 53,248 x 40 + projector 5120-wide).
+SIZES = {
+    "llava-1.5-7b": {"total": 7_063_427_072, "largest_layer": 32_064 * 4096, "trainable": 5_439_488 + 20_979_712},
+    "llava-1.5-13b": {"total": 13_350_839_296, "largest_layer": 32_064 * 5120, "trainable": 8_519_680 + 31_467_520},
+}
+
+
+def _run(model: Path, data: Path, out: Path, zero: str) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "scripts/train.py",
+           "--config", "configs/demo.yaml", f"model.name_or_path={model}", "model.build_tiny_if_missing=false",
+           f"data.path={data}", "data.generate_synthetic_if_missing=0", f"output.dir={out}", "output.report_to=none",
+           f"deepspeed.config=configs/deepspeed/{zero}.json", "train.max_steps=2", "train.per_device_batch_size=1",
+           "train.verify_final_adapter=false", "train.gradient_checkpointing=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
+    summary = json.loads((out / "summary.json").read_text())
+    load = summary["base_load"]
+    return {
+        "rank0_peak_rss_after_load_gib": round(load["host_peak_rss_bytes"] / GIB, 3),
+        "rank0_peak_rss_gib": round(summary["peak_memory"]["host_peak_rss_bytes"] / GIB, 3),
+        "base_partitioned_at_load": load["zero3_partitioned"],
+        "rank0_base_elements": load["local_elements"] if load["zero3_partitioned"] else None,
+        "base_elements": load["total_elements"] if load["zero3_partitioned"] else None,
+        "trainable_parameters": summary["trainable_parameters"],
+        "total_parameters": summary["total_parameters"],
+    }
+
+
+def estimate(total: int, trainable: int, largest_layer: int, gpus: int = 8) -> dict:
+    """Model states per GPU (GiB) for adapter training with a frozen bf16 base."""
+    frozen = total - trainable
+    states = 16 * trainable  # fp32 master (4) + Adam m, v (8) + bf16 parameter (2) + bf16 gradient (2)
+    zero2 = 2 * frozen + 2 * trainable + (states - 2 * trainable) / gpus
+    zero3 = (2 * frozen + states) / gpus
+    zero3_offload = 2 * frozen / gpus + 4 * trainable / gpus  # optimizer states and master weights on the host
+    out = {"zero2_gib": round(zero2 / GIB, 2), "zero3_gib": round(zero3 / GIB, 2),
+           "zero3_offload_gib": round(zero3_offload / GIB, 2),
+           "zero3_gathered_layer_gib": round(2 * largest_layer / GIB, 2)}
+    try:  # DeepSpeed's estimator assumes every parameter trains: the full-finetune comparison
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        _cpu_bytes, gpu_bytes, _layer = estimate_zero3_model_states_mem_needs(
+            total, largest_layer, num_gpus_per_node=gpus, num_nodes=1, cpu_offload=False)
+        out["deepspeed_full_finetune_zero3_gib"] = round(gpu_bytes / GIB, 2)
+    except Exception as err:  # noqa: BLE001 - an estimator API change must not hide the measurements
+        out["deepspeed_full_finetune_zero3_gib"] = f"unavailable: {type(err).__name__}"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, to check the script runs")
+    parser.add_argument("--hidden-size", type=int, default=4096)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    args = parser.parse_args()
+    hidden, layers = (64, 2) if args.quick else (args.hidden_size, args.num_layers)
+
+    from road_vlm.data.synthetic import generate_training_data, tokenizer_corpus
+    from road_vlm.tiny import build_tiny_llava
+
+    work = Path(tempfile.mkdtemp(prefix="road_vlm_bench_memory_"))
+    model = build_tiny_llava(work / "model", corpus=tokenizer_corpus(), hidden_size=hidden, num_layers=layers)
+    data = generate_training_data(work / "data", num_samples=16, num_pretrain=0) / "instruct.json"
+    runs = {zero: _run(model, data, work / zero, zero) for zero in args.configs}
+    report = {"model": {"hidden_size": hidden, "num_layers": layers}, "runs": runs}
+    if "zero2" in runs and "zero3" in runs and "error" not in runs["zero2"] and "error" not in runs["zero3"]:
+        report["zero3_over_zero2_peak_rss"] = round(runs["zero3"]["rank0_peak_rss_gib"]
+                                                    / runs["zero2"]["rank0_peak_rss_gib"], 3)
+        report["zero3_over_zero2_rss_after_load"] = round(runs["zero3"]["rank0_peak_rss_after_load_gib"]
+                                                          / runs["zero2"]["rank0_peak_rss_after_load_gib"], 3)
+    report["estimate_8_gpus_road4"] = {name: estimate(**size) for name, size in SIZES.items()}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
