@@ -1,0 +1,48 @@
+"""Every benchmark script's quick mode runs (smoke: no timing assertions), so none can rot. bench_adapters,
+bench_train and bench_serving run through scripts/gpu_check.sh --dry-run (tests/test_gpu_check.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    return json.loads(out[out.index("{"):])  # DeepSpeed may print a line before the report
+
+
+def test_bench_memory_quick_reports_every_zero_stage_and_the_estimates():
+    report = _run("scripts/bench_memory.py", "--quick")
+    assert set(report["runs"]) == {"zero2", "zero3", "zero3_offload"}
+    assert not any("error" in run for run in report["runs"].values()), report["runs"]
+    assert report["runs"]["zero3"]["base_partitioned_at_load"] and not report["runs"]["zero2"]["base_partitioned_at_load"]
+    estimate = report["estimate_8_gpus_road4"]["llava-1.5-13b"]
+    assert estimate["zero3_gib"] < estimate["zero2_gib"]
+
+
+def test_bench_numerics_quick_compares_dtypes_and_batch_sizes():
+    report = _run("scripts/bench_numerics.py", "--num-per-benchmark", "2", "--dtypes", "float32", "bfloat16",
+                  "--batch-sizes", "1", "2", "--max-new-tokens", "3")
+    assert set(report["runs"]) == {"float32-b1", "float32-b2", "bfloat16-b1", "bfloat16-b2"}
+    total = report["runs"]["float32-b1"]["identical_to_reference"].split("/")[1]
+    assert report["runs"]["float32-b1"]["identical_to_reference"] == f"{total}/{total}"
+
+
+def test_repro_strided_linear_quick_runs_standalone():
+    report = _run("scripts/repro_strided_linear.py", "--quick")
+    assert {(r["dtype"], r["requires_grad"], r["input"]) for r in report["rows"]} == {
+        (d, g, i) for d in ("bfloat16", "float32") for g in (True, False) for i in ("strided", "contiguous")}
