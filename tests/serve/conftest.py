@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,3 +79,33 @@ def serve_cli() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="road-vlm")
     register(parser.add_subparsers(dest="command", required=True))
     return parser
+
+
+@pytest.fixture(scope="session")
+def run_server() -> Callable[..., AbstractContextManager[str]]:
+    """``with run_server(app) as url``: the app on a real uvicorn server on a free loopback port."""
+
+    @contextmanager
+    def serve(app) -> Iterator[str]:
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                pytest.fail("uvicorn did not start")
+            time.sleep(0.05)
+        host, port = sock.getsockname()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(30)
+            sock.close()
+
+    return serve

@@ -9,7 +9,6 @@ import io
 import json
 import random
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,27 +47,9 @@ def _body(text: str = QUESTION, image: str | None = None, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(engine) -> Iterator[str]:
-    import uvicorn
-
-    app = create_app(engine, **LIMITS)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    host, port = sock.getsockname()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(30)
-        sock.close()
+def server(engine, run_server) -> Iterator[str]:
+    with run_server(create_app(engine, **LIMITS)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

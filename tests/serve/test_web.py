@@ -6,7 +6,6 @@ import base64
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,35 +35,17 @@ def test_page_and_demo_image_are_served(engine):
     assert api_only.status_code == 404  # the page is only there when asked for
 
 
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture()
-def live_server(engine) -> Iterator[str]:
+def live_server(engine, run_server) -> Iterator[str]:
     """The chat-ui app on a real uvicorn server, on a free loopback port."""
-    import uvicorn
-
-    app = create_app(engine, web_ui=True, default_max_tokens=8)
-    sock = _free_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    host, port = sock.getsockname()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with run_server(create_app(engine, web_ui=True, default_max_tokens=8)) as url:
+        yield url
 
 
 class WebDriver:
@@ -122,9 +103,7 @@ class WebDriver:
 def browser(tmp_path) -> Iterator[WebDriver]:
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    port = _free_port()
     log = (tmp_path / "chromedriver.log").open("w")
     driver = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
