@@ -55,8 +55,8 @@ from road_vlm.train.ds_config import (
     zero_stage,
 )
 from road_vlm.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
-from road_vlm.train.stand_in import STAND_IN, install_stand_in
 from road_vlm.train.reporting import Reporter, format_summary, peak_memory_bytes, plot_loss, write_summary
+from road_vlm.train.stand_in import STAND_IN, install_stand_in
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +143,13 @@ def load_model_with_adapter(config: TrainingConfig, device: str | torch.device =
     ``zero3_config``: the DeepSpeed ZeRO-3 config; the base is then constructed and loaded partitioned
     (``zero3_partitioned_loading``), and the adapter is attached to the partitioned model.
     """
+    from transformers import AutoConfig
+
     from road_vlm.adapters import AdapterConfigError, add_adapter
     from road_vlm.model import load_base
 
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=False)
+    model_config = (AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=False)
+                    if zero3_config is not None else None)
     with zero3_partitioned_loading(zero3_config, model_config):
         model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config))
     model.config.use_cache = False
