@@ -64,6 +64,10 @@ class ImagePolicy:
                 raise BadImageError(f"cannot use the image: {err}", param) from err
 
 
+# The policy of callers that pass none: one instance, so its bound on concurrent decodes is shared by them all.
+DEFAULT_IMAGE_POLICY = ImagePolicy()
+
+
 def decode_image_url(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
     """A ``data:`` URL (base64) or, with ``allow_local_images``, a local path / ``file://`` URL -> RGB image."""
     max_bytes = policy.max_bytes
@@ -112,7 +116,7 @@ def parse_messages(
     messages: Any, images: ImagePolicy | None = None
 ) -> tuple[list[tuple[str, str]], str, Image.Image | None]:
     """Split OpenAI messages into finished ``(user, assistant)`` turns, the last user question and the image."""
-    images = images or ImagePolicy()
+    images = images or DEFAULT_IMAGE_POLICY
     if not isinstance(messages, list) or not messages:
         raise MessageError("messages must be a non-empty list")
     turns: list[tuple[str, Any]] = []

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .batching import BatchScheduler, QueueFullError, ServingEngine, UnknownAdapterError
 from road_vlm.generation import GenerationRequest, GenerationResult, PromptTooLongError, SamplingError, SamplingParams
-from .messages import BadImageError, ImagePolicy, MessageError, parse_messages
+from .messages import DEFAULT_IMAGE_POLICY, BadImageError, ImagePolicy, MessageError, parse_messages
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def create_app(
     is parsed. ``max_tokens_cap`` bounds a request's ``max_tokens``. ``allowed_hosts``: the ``Host`` names
     served (None: any; only behind a proxy that checks them).
     """
-    images = images or ImagePolicy()
+    images = images or DEFAULT_IMAGE_POLICY
     if max_body_bytes is None:
         max_body_bytes = images.max_bytes * 4 // 3 + (1 << 20)
     if default_max_tokens > max_tokens_cap:
