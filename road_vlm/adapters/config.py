@@ -13,6 +13,10 @@ Fields (the training YAML's ``adapter:`` section uses exactly these names):
 - ``lora_r``, ``lora_alpha``, ``lora_dropout``: LoRA rank, scale numerator and input dropout (used by ``lora`` and
   ``road1_lora``; ``lora_r`` must be positive for every variant so that configs stay valid when switched).
 - ``train_projector``: also train the multimodal projector and save it as ``projector.safetensors``.
+- ``pair_subset``, ``pair_layout``: restrict the RoAd rotation to a subset of every layer's pairs of output dims
+  (``"k/n"``: the k-th of n slices, ``"interleaved"`` or ``"contiguous"``; see ``pairs.py``). The other pairs stay
+  exactly identity through training, and adapters on disjoint subsets compose (``road-vlm compose``). Not for
+  ``lora``; the hybrid's LoRA part is not restricted, so hybrids train on a subset but do not compose.
 
 ``variant: "none"`` adapts no layer: with ``train_projector: true`` it is LLaVA's stage 1 (only the projector
 trains; ``configs/llava15_7b_pretrain.yaml``), and its checkpoint is a projector file that ``road-vlm build-base
@@ -24,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 VARIANTS: tuple[str, ...] = ("road1", "road2", "road4", "lora", "road1_lora", "none")
 ROAD_VARIANTS: tuple[str, ...] = ("road1", "road2", "road4")
@@ -73,6 +77,8 @@ class AdapterConfig:
     lora_alpha: float = 256.0
     lora_dropout: float = 0.05
     train_projector: bool = False
+    pair_subset: Optional[str] = None
+    pair_layout: str = "interleaved"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +103,14 @@ class AdapterConfig:
         if self.variant == "none" and not self.train_projector:
             raise AdapterConfigError("variant 'none' adapts no layer, so it trains nothing unless train_projector "
                                      "is true (LLaVA's stage 1)")
+        if self.pair_subset is not None:
+            if not variant_has_road(self.variant):
+                raise AdapterConfigError(f"pair_subset restricts a RoAd rotation; variant {self.variant!r} has none")
+            from .pairs import PairSubset  # pairs.py imports this module
+
+            self.pair_subset = str(PairSubset.parse(self.pair_subset, self.pair_layout))  # canonical "1,3/4"
+        elif self.pair_layout not in ("interleaved", "contiguous"):
+            raise AdapterConfigError(f"pair_layout must be 'interleaved' or 'contiguous', got {self.pair_layout!r}")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -111,6 +125,13 @@ class AdapterConfig:
             self.target_modules = list(targets)
         else:
             raise AdapterConfigError(f"target_modules must be a list of names or a regex string, got {targets!r}")
+
+    @property
+    def pairs(self):
+        """The parsed :class:`~road_vlm.adapters.pairs.PairSubset`, or None when every pair may change."""
+        from .pairs import PairSubset
+
+        return None if self.pair_subset is None else PairSubset.parse(self.pair_subset, self.pair_layout)
 
     @property
     def lora_scale(self) -> float:

@@ -139,9 +139,15 @@ def _wrap(model: nn.Module, full_name: str, module: nn.Module) -> AdaptedLinear:
     return wrapper
 
 
-def attach_adapter(model: nn.Module, config: AdapterConfig, name: str) -> dict[str, AdaptedLinear]:
-    """Validate, then wrap the targets and create identity-initialised parameters (no activation/freezing)."""
-    _validate_name(name)
+def attach_adapter(
+    model: nn.Module, config: AdapterConfig, name: str, *, composed: bool = False
+) -> dict[str, AdaptedLinear]:
+    """Validate, then wrap the targets and create identity-initialised parameters (no activation/freezing).
+
+    ``composed``: ``name`` is a composition ``"a+b"`` of valid names (``compose.py``); '+' is not allowed in the
+    names users give, so a composition can never shadow a loaded adapter."""
+    for part in name.split("+") if composed else [name]:
+        _validate_name(part)
     config.validate()
     reg = registry(model)
     if name in reg.configs:

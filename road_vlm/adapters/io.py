@@ -11,6 +11,11 @@ An adapter directory holds:
     (PEFT has no RoAd+LoRA hybrid).
 - ``adapter_model.safetensors``: keys ``base_model.model.<module>.road_theta`` / ``.road_alpha`` (1-D fp32, PEFT
   layout) and ``base_model.model.<module>.lora_A.weight`` ([r, d_in]) / ``.lora_B.weight`` ([d_out, r]).
+  An adapter restricted to a pair subset records it in this file's safetensors metadata
+  (``road_vlm.pair_subset``, ``road_vlm.pair_layout``), where PEFT does not look; its values outside the subset are
+  exactly the identity, so PEFT computes the same model without knowing the subset.
+- ``base_model_name_or_path`` in ``adapter_config.json`` (PEFT's field, in both formats) names the base the adapter
+  was trained on, as it was given to the loader; ``road-vlm compose`` compares it.
 - ``projector.safetensors`` (only when the adapter trained the projector): the projector's own state-dict keys
   relative to the model root, e.g. ``model.multi_modal_projector.linear_1.weight``. PEFT ignores this file.
 
@@ -20,6 +25,7 @@ collective); only global rank 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -104,7 +110,28 @@ def _gathered(params: list[nn.Parameter]):
     return nullcontext()
 
 
-def config_to_file_dict(model: nn.Module, config: AdapterConfig, adapted: list[str]) -> dict:
+PAIR_SUBSET_KEY = "road_vlm.pair_subset"
+PAIR_LAYOUT_KEY = "road_vlm.pair_layout"
+_PAIR_FIELDS = ("pair_subset", "pair_layout")  # recorded in the weights file's metadata, not in the JSON
+
+
+def base_name_of(model: nn.Module) -> Optional[str]:
+    """The name or path the model was loaded from (None for a model built in memory)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def weights_metadata(config: AdapterConfig) -> dict[str, str]:
+    """Safetensors metadata of an adapter's weights file (records its pair subset, if any)."""
+    meta = {"format": "pt"}
+    if config.pair_subset is not None:
+        meta.update({PAIR_SUBSET_KEY: config.pair_subset, PAIR_LAYOUT_KEY: config.pair_layout})
+    return meta
+
+
+def config_to_file_dict(
+    model: nn.Module, config: AdapterConfig, adapted: list[str], base_name: Optional[str] = None
+) -> dict:
     """The ``adapter_config.json`` content for an adapter of ``config`` adapting ``adapted`` in ``model``."""
     if config.variant in ROAD_VARIANTS:
         return {
@@ -116,10 +143,11 @@ def config_to_file_dict(model: nn.Module, config: AdapterConfig, adapted: list[s
             "inference_mode": True,
             "modules_to_save": None,
             "task_type": None,
-            "base_model_name_or_path": None,
+            "base_model_name_or_path": base_name,
             "revision": None,
         }
-    return {"format": "road_vlm", "format_version": 1, **config.to_dict()}
+    fields = {k: v for k, v in config.to_dict().items() if k not in _PAIR_FIELDS}
+    return {"format": "road_vlm", "format_version": 1, **fields, "base_model_name_or_path": base_name}
 
 
 def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default") -> Path:
@@ -135,11 +163,14 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default"
     config = reg.configs[name]
     layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear) and name in m.specs}
     tensors_src: dict[str, tuple[nn.Parameter, tuple[int, ...]]] = {}
+    identity_outside: dict[str, tuple[torch.Tensor, float]] = {}  # key -> (pair-subset mask, identity value)
     for module_name, layer in sorted(layers.items()):
         shapes = _expected_shapes(module_name, layer.out_features, layer.in_features, config)
         for kind, p in layer.adapter_parameters(name).items():
             key = f"{KEY_PREFIX}{module_name}.{_KIND_SUFFIX[kind]}"
             tensors_src[key] = (p, shapes[key])
+            if name in layer.pair_masks and kind in ("road_theta", "road_alpha"):
+                identity_outside[key] = (layer.pair_masks[name].cpu(), 0.0 if kind == "road_theta" else 1.0)
     proj_src: dict[str, tuple[nn.Parameter, tuple[int, ...]]] = {}
     if config.train_projector:
         prefix, proj = projector(model)
@@ -152,15 +183,18 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default"
     with _gathered(all_params):  # every rank enters (collective); only the writer copies to CPU
         tensors = _materialise(tensors_src) if writer else {}
         proj_tensors = _materialise(proj_src) if writer else {}
+    for key, (mask, identity) in identity_outside.items():
+        if key in tensors:  # write what the layer applies: the raw values outside the subset never act
+            tensors[key] = torch.where(mask, tensors[key], identity)
 
     out = Path(path)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata=weights_metadata(config))
         if proj_tensors:
             save_file(proj_tensors, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
         with open(out / CONFIG_FILE, "w") as f:
-            json.dump(config_to_file_dict(model, config, sorted(layers)), f, indent=2)
+            json.dump(config_to_file_dict(model, config, sorted(layers), base_name_of(model)), f, indent=2)
             f.write("\n")
     return out
 
@@ -180,8 +214,38 @@ def _materialise(src: dict[str, tuple[nn.Parameter, tuple[int, ...]]]) -> dict[s
 
 
 def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
-    """Parse ``adapter_config.json`` of a road_vlm or PEFT RoAd directory into an AdapterConfig."""
+    """Parse ``adapter_config.json`` of a road_vlm or PEFT RoAd directory into an AdapterConfig (with the pair
+    subset recorded in the weights file, if any)."""
     path = Path(path)
+    config = _read_config_json(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        return config
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise AdapterFileError(f"{weights}: cannot read safetensors file: {exc}") from exc
+    if PAIR_SUBSET_KEY not in meta:
+        return config
+    try:
+        return dataclasses.replace(config, pair_subset=meta[PAIR_SUBSET_KEY],
+                                   pair_layout=meta.get(PAIR_LAYOUT_KEY, "interleaved"))
+    except AdapterConfigError as exc:
+        raise AdapterFileError(f"{weights}: metadata {PAIR_SUBSET_KEY}: {exc}") from exc
+
+
+def read_base_name(path: Union[str, Path]) -> Optional[str]:
+    """``base_model_name_or_path`` recorded in an adapter directory's config (None when not recorded)."""
+    try:
+        raw = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    return str(name) if name else None
+
+
+def _read_config_json(path: Path) -> AdapterConfig:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise AdapterFileError(f"{cfg_file}: not found (is {path} an adapter directory?)")
@@ -193,7 +257,8 @@ def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
         raise AdapterFileError(f"{cfg_file}: expected a JSON object")
     try:
         if raw.get("format") == "road_vlm":
-            fields = {k: v for k, v in raw.items() if k not in ("format", "format_version")}
+            fields = {k: v for k, v in raw.items()
+                      if k not in ("format", "format_version", "base_model_name_or_path")}
             return AdapterConfig.from_dict(fields)
         peft_type = raw.get("peft_type")
         if peft_type == "ROAD":

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig, variant_has_lora, variant_has_road
+from .pairs import masked, param_mask
 from .rotation import (
     apply_rotation,
     apply_rotation_fast,
@@ -94,6 +95,9 @@ class AdaptedLinear(nn.Module):
         self.active_adapter: Optional[str] = None
         self.merged: Optional[_MergedState] = None
         self._coeff_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # Adapters restricted to a pair subset: bool mask over their road_theta/road_alpha entries (CPU; moved to
+        # the parameters' device when applied). Plain attribute, so it never enters a state dict.
+        self.pair_masks: dict[str, torch.Tensor] = {}
         self._mixed: Optional[_MixedTables] = None
 
     # -- nn.Linear look-alike attributes, so code that inspects .weight/.in_features keeps working
@@ -131,6 +135,9 @@ class AdaptedLinear(nn.Module):
         )
         if variant_has_road(spec.variant):
             size = road_param_size(spec.variant, d_out)
+            if config.pairs is not None:
+                pairs = config.pairs.pair_mask(d_out // 2, layer=self.module_name)
+                self.pair_masks[name] = param_mask(spec.variant, spec.group_size, pairs)
             self.road_theta[name] = nn.Parameter(torch.zeros(size, dtype=pdtype, device=device))
             self.road_alpha[name] = nn.Parameter(torch.ones(size, dtype=pdtype, device=device))
         if spec.lora_r:
@@ -149,6 +156,7 @@ class AdaptedLinear(nn.Module):
             if name in store:
                 del store[name]
         self.specs.pop(name, None)
+        self.pair_masks.pop(name, None)
         self._coeff_cache.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = None
@@ -163,12 +171,21 @@ class AdaptedLinear(nn.Module):
         return out
 
     # -- coefficients
+    def road_parameters(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta, alpha)`` of adapter ``name`` as the layer applies them: outside its pair subset (if any) every
+        entry is at the identity, whatever the raw parameter holds. Differentiable."""
+        theta, alpha = self.road_theta[name], self.road_alpha[name]
+        mask = self.pair_masks.get(name)
+        if mask is not None and mask.device != theta.device:
+            mask = self.pair_masks[name] = mask.to(theta.device)  # once, not a copy per forward
+        return masked(theta, alpha, mask)
+
     def coefficients(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(c1, s2)`` of adapter ``name``; cached while no gradient is being recorded."""
         spec = self.specs[name]
         theta, alpha = self.road_theta[name], self.road_alpha[name]
         if torch.is_grad_enabled() and (theta.requires_grad or alpha.requires_grad):
-            return road_coefficients(spec.variant, spec.group_size, theta, alpha)
+            return road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
         # _version changes on every in-place update (optimizer steps, load_state_dict, copy_ under no_grad);
         # data_ptr catches a swapped storage. Direct `.data` edits bypass both: call invalidate_cache() then.
         key = (theta._version, alpha._version, theta.data_ptr(), alpha.data_ptr(), theta.device)
@@ -176,7 +193,7 @@ class AdaptedLinear(nn.Module):
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
         with torch.no_grad():
-            c1, s2 = road_coefficients(spec.variant, spec.group_size, theta.detach(), alpha.detach())
+            c1, s2 = road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
         self._coeff_cache[name] = (key, c1, s2)
         return c1, s2
 
@@ -351,8 +368,7 @@ class AdaptedLinear(nn.Module):
             w.addmm_(b.to(w.dtype), a.to(w.dtype), alpha=spec.lora_scale)
         c1 = s2 = None
         if variant_has_road(spec.variant):
-            theta = self.road_theta[name].detach().to(w.dtype)
-            alpha = self.road_alpha[name].detach().to(w.dtype)
+            theta, alpha = (t.detach().to(w.dtype) for t in self.road_parameters(name))
             c1, s2 = road_coefficients(spec.variant, spec.group_size, theta, alpha)
             rotate_rows_(w, c1, s2, spec.group_size)
             if bias is not None:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from road_vlm.data.template import PROMPT_FORMAT_FILE, PromptFormat
 from road_vlm.model import load_vlm
+from road_vlm.outputs import fresh_output, publish
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -31,24 +32,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 class ExportError(ValueError):
-    """An adapter or output directory that cannot be exported as asked."""
-
-
-def _fresh_output(output: Path, overwrite: bool) -> Path:
-    """A temporary sibling directory to write into; it replaces ``output`` only once complete."""
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"{output}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    tmp = output.with_name(output.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+    """An adapter that cannot be exported as asked."""
 
 
 def _checkpoint_dtype(model: str | Path) -> str | None:
@@ -78,7 +62,7 @@ def merge_checkpoint(
     """
     output = Path(output)
     adapter = Path(adapter)
-    tmp = _fresh_output(output, overwrite)
+    tmp = fresh_output(output, overwrite)
     try:
         from road_vlm.adapters import adapted_layers, unload_adapters
 
@@ -92,7 +76,7 @@ def merge_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _publish(tmp, output)
+    publish(tmp, output)
     return output
 
 
@@ -168,7 +152,7 @@ def export_peft(
     else:
         peft_config = {"peft_type": "ROAD", "variant": PEFT_VARIANT[config.variant], "group_size": config.group_size,
                        "init_weights": True, **common}
-    tmp = _fresh_output(output, overwrite)
+    tmp = fresh_output(output, overwrite)
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
@@ -177,5 +161,5 @@ def export_peft(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _publish(tmp, output)
+    publish(tmp, output)
     return output

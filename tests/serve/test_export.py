@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from road_vlm.model import load_base, load_vlm
+from road_vlm.outputs import OutputExistsError
 from road_vlm.serve.export import ExportError, export_peft, merge_checkpoint
 
 
@@ -51,7 +52,7 @@ def test_merge_refuses_to_overwrite_a_non_empty_output(tiny_llava_dir, adapter_d
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="exists and is not empty"):
+    with pytest.raises(OutputExistsError, match="exists and is not empty"):
         merge_checkpoint(tiny_llava_dir, adapter_dirs["road4"], out)
     assert (out / "keep.txt").read_text() == "mine"
 
