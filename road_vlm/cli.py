@@ -12,7 +12,7 @@ _COMMAND_MODULES = (
     "road_vlm.convert.commands", # build-base, convert-llava
     "road_vlm.train.commands",   # train
     "road_vlm.eval.commands",    # eval, score
-    "road_vlm.serve.commands",   # chat, chat-ui, merge, export, serve
+    "road_vlm.serve.commands",   # chat, chat-ui, merge, export, compose, serve
     "road_vlm.demo",             # demo
 )
 

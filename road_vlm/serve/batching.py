@@ -10,6 +10,11 @@ module (one per model), which would leak one adapter's projector into every othe
 adapters with ``load_projector=False`` and keeps each trained projector as its own module, applied per image by
 :class:`_ProjectorBank`. Rows without an adapter or whose adapter kept the base projector use the base one.
 
+A request's ``model`` may also compose adapters trained on disjoint pair subsets, ``"a+b"`` (at most
+``MAX_COMPOSED_PARTS`` parts): the composition is built once from the loaded parts (``adapters/compose.py``), kept
+as one more adapter (the ``max_composed`` most recently used are kept) and then costs a mixed batch exactly what
+any other adapter costs: one more row in the gathered rotation tables.
+
 :class:`BatchScheduler` is the request side: a bounded queue and one worker thread that collects concurrent
 requests for a short window (or until ``max_batch_size``) and hands them to the engine as one batch.
 """
@@ -22,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
+from road_vlm.adapters.compose import COMPOSED_SEPARATOR, CompositionError
 from road_vlm.data.template import PromptFormat
 from road_vlm.model import LoadedVLM, load_vlm
 
@@ -41,6 +47,9 @@ from road_vlm.generation import GenerationRequest, GenerationResult, PreparedPro
 logger = logging.getLogger(__name__)
 
 PROJECTOR_FILE = "projector.safetensors"
+
+
+MAX_COMPOSED_PARTS = 4
 
 
 class UnknownAdapterError(LookupError):
@@ -177,6 +186,11 @@ class ServingEngine:
         # HTTP handlers prepare prompts on several threads; a fast tokenizer's Rust state must not be borrowed
         # mutably by two of them at once ("Already borrowed"), so tokenising is serialised (it is cheap).
         self._prepare_lock = threading.Lock()
+        # Compositions "a+b": built on the batch thread, checked on request threads; this lock keeps the model's
+        # adapter registry still while either happens. Least recently used first.
+        self.max_composed = 8
+        self._compose_lock = threading.Lock()
+        self._composed: OrderedDict[str, None] = OrderedDict()
         if base_name in self.adapter_dirs:
             raise AdapterLoadError(f"adapter name {base_name!r} is also the base model's name; rename one of them")
 
@@ -245,12 +259,67 @@ class ServingEngine:
             return None
         if model_name in self.adapter_dirs:
             return model_name
+        if COMPOSED_SEPARATOR in model_name:
+            return self._resolve_composed(model_name)
         raise UnknownAdapterError(
             f"model {model_name!r} is not loaded; available: {', '.join(self.model_names())}"
+            f" (or '+'-joined adapters trained on disjoint pair subsets)"
         )
 
+    def _resolve_composed(self, model_name: str) -> str:
+        """Check a composition "a+b" (CompositionError says why it cannot work); returns its canonical name."""
+        from road_vlm.adapters.compose import check_loaded, composed_name
+        from road_vlm.adapters.inject import registry
+
+        parts = model_name.split(COMPOSED_SEPARATOR)
+        if len(parts) > MAX_COMPOSED_PARTS:
+            raise CompositionError(f"model {model_name[:200]!r} composes {len(parts)} adapters; this server composes "
+                                   f"at most {MAX_COMPOSED_PARTS}")
+        unknown = [p for p in parts if p not in self.adapter_dirs]
+        if unknown:
+            raise UnknownAdapterError(f"model {model_name!r}: adapter(s) {unknown} are not loaded; available: "
+                                      f"{', '.join(self.adapter_names)}")
+        if len({self.prompt_formats[p] for p in parts}) > 1:
+            raise CompositionError(f"model {model_name!r}: the adapters were trained with different prompt formats")
+        name = composed_name(sorted(parts))  # rotations on disjoint pairs commute: one composition per set
+        with self._compose_lock:
+            if name not in registry(self.model).configs:
+                check_loaded(self.model, sorted(parts))
+        return name
+
     def prompt_format(self, adapter: str | None) -> PromptFormat:
-        return self.base_prompt_format if adapter is None else self.prompt_formats[adapter]
+        if adapter is None:
+            return self.base_prompt_format
+        return self.prompt_formats[adapter.split(COMPOSED_SEPARATOR)[0]]  # parts share one (checked)
+
+    def _known(self, adapter: str) -> bool:
+        return all(part in self.adapter_dirs for part in adapter.split(COMPOSED_SEPARATOR))
+
+    def _build_compositions(self, names: Sequence[str | None]) -> None:
+        """Make sure every composition in the batch exists; drop the least recently used ones beyond
+        ``max_composed`` (never one this batch uses). Runs on the batch thread, under the generation lock."""
+        from road_vlm.adapters import delete_adapter
+        from road_vlm.adapters.compose import compose_loaded
+
+        wanted = {n for n in names if n is not None and COMPOSED_SEPARATOR in n}
+        if not wanted:
+            return
+        with self._compose_lock:
+            for name in wanted:
+                compose_loaded(self.model, name.split(COMPOSED_SEPARATOR))
+                self._composed[name] = None
+                self._composed.move_to_end(name)
+            for old in [n for n in self._composed if n not in wanted][: max(0, len(self._composed) - self.max_composed)]:
+                delete_adapter(self.model, old)
+                del self._composed[old]
+
+    def _projector_source(self, adapter: str | None) -> str | None:
+        """The adapter whose trained projector a row's images use (a composition's at most one part with one)."""
+        if adapter is None or COMPOSED_SEPARATOR not in adapter:
+            return adapter
+        bank = self._projector_bank()
+        owners = [p for p in adapter.split(COMPOSED_SEPARATOR) if bank is not None and p in bank.overrides]
+        return owners[0] if owners else None
 
     def prepare(
         self, adapter: str | None, history: Sequence[tuple[str, str]], question: str, image: Image.Image | None
@@ -265,14 +334,16 @@ class ServingEngine:
         if not requests:
             return []
         for r in requests:
-            if r.adapter is not None and r.adapter not in self.adapter_dirs:
+            if r.adapter is not None and not self._known(r.adapter):
                 raise UnknownAdapterError(f"adapter {r.adapter!r} is not loaded")
         names = [r.adapter for r in requests]
         bank = self._projector_bank()
         start = time.perf_counter()
         with self._lock:
+            self._build_compositions(names)
             if bank is not None:
-                bank.image_adapters = [r.adapter for r in requests if r.prompt.pixel_values is not None]
+                bank.image_adapters = [self._projector_source(r.adapter) for r in requests
+                                       if r.prompt.pixel_values is not None]
             try:
                 results = generate_batch(
                     self.model, self.processor.tokenizer, requests,

@@ -1,4 +1,4 @@
-"""``road-vlm chat | chat-ui | merge | export | serve`` (registered by road_vlm/cli.py through ``register``)."""
+"""``road-vlm chat | chat-ui | merge | export | compose | serve`` (registered by road_vlm/cli.py through ``register``)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``chat``, ``chat-ui``, ``merge``, ``export`` and ``serve``."""
+    """Add ``chat``, ``chat-ui``, ``merge``, ``export``, ``compose`` and ``serve``."""
     chat = subparsers.add_parser("chat", help="chat with a (tuned) model about an image in the terminal",
                                  description="Multi-turn terminal chat, streamed. Commands: /image PATH, /reset, "
                                  "/quit. With --prompt it answers once and exits.")
@@ -129,9 +129,22 @@ def register(subparsers: Any) -> None:
     export.add_argument("--format", required=True, choices=["peft"])
     export.add_argument("--adapter", required=True, metavar="DIR")
     export.add_argument("--output", required=True, metavar="DIR")
-    export.add_argument("--base-model", default=None, help="recorded as base_model_name_or_path")
+    export.add_argument("--base-model", default=None,
+                        help="recorded as base_model_name_or_path (default: the base the adapter records)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     export.set_defaults(func=run_export)
+
+    compose = subparsers.add_parser(
+        "compose", help="compose RoAd adapters trained on disjoint pair subsets into one adapter",
+        description="R_C = R_A R_B, exactly: adapters trained with disjoint adapter.pair_subset values (e.g. 1/2 and "
+        "2/2) combine without retraining. Checks base, variant, group size, targets, disjoint pairs and at most one "
+        "projector; writes a normal adapter directory (loads, merges, serves and exports like any other).")
+    compose.add_argument("adapters", nargs="+", metavar="DIR", help="two or more adapter directories")
+    compose.add_argument("--output", required=True, metavar="DIR")
+    compose.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    compose.add_argument("--ignore-base-name", action="store_true",
+                         help="compose even if the adapters record different base paths (same base, moved)")
+    compose.set_defaults(func=run_compose)
 
     serve = subparsers.add_parser("serve", help="OpenAI-compatible server, many adapters in one batch",
                                   description="POST /v1/chat/completions (model = adapter name or the base name, "
@@ -268,4 +281,16 @@ def run_export(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         return _error("export", err)
     print(f"PEFT adapter written to {out}")
+    return 0
+
+
+def run_compose(args: argparse.Namespace) -> int:
+    from road_vlm.adapters.compose import compose_dirs
+
+    try:
+        out = compose_dirs(args.adapters, args.output, overwrite=args.overwrite,
+                           ignore_base_name=args.ignore_base_name)
+    except (ValueError, FileNotFoundError) as err:
+        return _error("compose", err)
+    print(f"composed adapter written to {out}")
     return 0

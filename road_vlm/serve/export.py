@@ -98,6 +98,7 @@ def export_peft(
     it). A trained projector goes in as PEFT ``modules_to_save``. The RoAd1+LoRA hybrid is refused."""
     from road_vlm.adapters import read_adapter_config
     from road_vlm.adapters.config import PEFT_VARIANT, ROAD_VARIANTS
+    from road_vlm.adapters.io import read_base_name
 
     adapter = Path(adapter)
     output = Path(output)
@@ -118,6 +119,7 @@ def export_peft(
     modules_to_save = None
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {"format": "pt"}  # keeps a pair subset's record (PEFT ignores it)
             for key in f.keys():
                 if not key.startswith(PEFT_PREFIX) or not key.endswith(allowed):
                     raise ExportError(f"{weights}: unexpected tensor {key!r} in a {config.variant} adapter")
@@ -141,7 +143,7 @@ def export_peft(
         "modules_to_save": modules_to_save,
         "inference_mode": True,
         "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": base_model_name_or_path or read_base_name(adapter),
         "revision": None,
     }
     if is_lora:
@@ -154,7 +156,7 @@ def export_peft(
                        "init_weights": True, **common}
     tmp = fresh_output(output, overwrite)
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         if PromptFormat.load(adapter) is not None:  # PEFT ignores it; it keeps the prompt format with the weights
             shutil.copyfile(adapter / PROMPT_FORMAT_FILE, tmp / PROMPT_FORMAT_FILE)

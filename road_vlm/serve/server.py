@@ -1,11 +1,11 @@
 """OpenAI-compatible HTTP API over the many-adapter batch scheduler (FastAPI).
 
-Routes: ``POST /v1/chat/completions`` (``model`` = adapter name, or the base model's name for no adapter;
-``stream: true`` gives server-sent events ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/stats``
+Routes: ``POST /v1/chat/completions`` (``model`` = adapter name, the base model's name for no adapter, or
+``"a+b"`` for a composition of adapters trained on disjoint pair subsets; ``stream: true`` gives server-sent events ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/stats``
 (batch composition counters), ``GET /health``; with ``web_ui=True`` also the chat page at ``/``.
 
 Every bad request gets an OpenAI-shaped JSON error (``{"error": {"message", "type", "param", "code"}}``) and the
-server keeps running: malformed body -> 400, unknown model -> 404, bad image -> 400, prompt beyond the context
+server keeps running: malformed body -> 400, unknown model -> 404, adapters that do not compose -> 400, bad image -> 400, prompt beyond the context
 limit -> 400, body too large -> 413, not ``application/json`` -> 415, queue full -> 429, a ``Host`` header that
 is not the server's -> 421 (DNS rebinding), anything unexpected -> 500, all as JSON. Limits and how to expose the
 server safely: docs/security.md.
@@ -29,8 +29,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .batching import BatchScheduler, QueueFullError, ServingEngine, UnknownAdapterError
+from road_vlm.adapters.compose import CompositionError
 from road_vlm.generation import GenerationRequest, GenerationResult, PromptTooLongError, SamplingError, SamplingParams
+
+from .batching import BatchScheduler, QueueFullError, ServingEngine, UnknownAdapterError
 from .messages import DEFAULT_IMAGE_POLICY, BadImageError, ImagePolicy, MessageError, parse_messages
 
 logger = logging.getLogger(__name__)
@@ -257,6 +259,8 @@ def create_app(
             adapter = engine.resolve(req.model)
         except UnknownAdapterError as err:
             raise APIError(404, str(err), param="model", code="model_not_found") from err
+        except CompositionError as err:
+            raise APIError(400, str(err), param="model", code="invalid_composition") from err
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
         if max_new > max_tokens_cap:
             raise APIError(400, f"max_tokens {max_new} exceeds the server's limit of {max_tokens_cap} "

@@ -23,7 +23,8 @@ ADAPTERS = {
 }
 
 
-def make_adapter(base: Path, out: Path, *, variant: str, train_projector: bool, seed: int) -> Path:
+def make_adapter(base: Path, out: Path, *, variant: str, train_projector: bool, seed: int,
+                 pair_subset: str | None = None) -> Path:
     """add_adapter on the tiny base, randomise its parameters (so adapters really differ), save_adapter."""
     from road_vlm.adapters import AdapterConfig, adapted_layers, add_adapter, save_adapter
     from road_vlm.data.template import PromptFormat
@@ -31,7 +32,8 @@ def make_adapter(base: Path, out: Path, *, variant: str, train_projector: bool, 
 
     model, _ = load_base(base)
     name = "default"
-    config = AdapterConfig(variant=variant, group_size=8, lora_r=4, lora_alpha=8.0, train_projector=train_projector)
+    config = AdapterConfig(variant=variant, group_size=8, lora_r=4, lora_alpha=8.0, train_projector=train_projector,
+                           pair_subset=pair_subset)
     add_adapter(model, config, name)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -50,6 +52,24 @@ def make_adapter(base: Path, out: Path, *, variant: str, train_projector: bool, 
 def adapter_dirs(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve_adapters")
     return {name: make_adapter(tiny_llava_dir, root / name, **spec) for name, spec in ADAPTERS.items()}
+
+
+@pytest.fixture(scope="session")
+def composable(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """road4 adapters on pair subsets 1/3 (with a projector), 2/3 and 3/3, and left+right composed offline."""
+    from road_vlm.adapters.compose import compose_dirs
+
+    root = tmp_path_factory.mktemp("composable")
+    dirs = {
+        "left": make_adapter(tiny_llava_dir, root / "left", variant="road4", train_projector=True, seed=11,
+                             pair_subset="1/3"),
+        "mid": make_adapter(tiny_llava_dir, root / "mid", variant="road4", train_projector=False, seed=12,
+                            pair_subset="2/3"),
+        "right": make_adapter(tiny_llava_dir, root / "right", variant="road4", train_projector=False, seed=13,
+                              pair_subset="3/3"),
+    }
+    dirs["left_right"] = compose_dirs([dirs["left"], dirs["right"]], root / "left_right")
+    return dirs
 
 
 @pytest.fixture(scope="session")
