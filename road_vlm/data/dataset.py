@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -80,32 +80,101 @@ def _where(path: Path, index: int, jsonl: bool) -> str:
     return f"{path}:{index + 1}" if jsonl else f"{path} record {index}"
 
 
-def read_records(path: str | Path) -> list[_Record]:
-    """Parse LLaVA instruction data (JSON array or JSONL) and check each record's shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found (data.path)")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    raw: list[tuple[int, Any]] = []
-    jsonl = not stripped.startswith("[")
-    if not jsonl:
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from err
-        raw = list(enumerate(items))
-    else:
-        for lineno, line in enumerate(text.splitlines()):
+_CHUNK_CHARS = 1 << 22  # the JSON array is parsed from 4M-character windows, never held whole
+
+
+def _json_array_items(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(index, item)`` of a top-level JSON array, parsed incrementally: a 1 GB mix665k file is never held as
+    one string next to all of its parsed objects (that alone would be several GB per rank)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+        line, base, line_start = 1, 0, 0  # line number at buf[0]; buf[0]'s offset in the file; start of its line
+
+        def fill() -> None:
+            nonlocal buf, pos, eof, line, base, line_start
+            line += buf.count("\n", 0, pos)
+            last_newline = buf.rfind("\n", 0, pos)
+            if last_newline >= 0:
+                line_start = base + last_newline + 1
+            base += pos
+            chunk = f.read(_CHUNK_CHARS)
+            eof = not chunk
+            buf, pos = buf[pos:] + chunk, 0
+
+        def skip_space() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return
+                fill()
+
+        def fail(msg: str, at: int) -> DataError:
+            at_line = line + buf.count("\n", 0, at)
+            newline = buf.rfind("\n", 0, at)
+            column = (at - newline if newline >= 0 else base + at - line_start + 1)
+            return DataError(f"{path}:{at_line}:{column}: malformed JSON: {msg}")
+
+        fill()
+        skip_space()
+        if pos >= len(buf) or buf[pos] != "[":
+            raise fail("expected '[' (a JSON array of samples)", pos)
+        pos += 1
+        index = 0
+        while True:
+            skip_space()
+            if pos >= len(buf):
+                raise fail("the array is not closed with ']'", pos)
+            if buf[pos] == "]":
+                pos += 1
+                skip_space()
+                if pos < len(buf):
+                    raise fail("extra data after the array", pos)
+                return
+            if index:
+                if buf[pos] != ",":
+                    raise fail("expected ',' or ']' between samples", pos)
+                pos += 1
+                skip_space()
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as err:
+                    if eof:
+                        raise fail(err.msg, err.pos) from err
+                else:
+                    # An item ending exactly at the window's edge may be cut (a number): decode it with more text.
+                    if end < len(buf) or eof:
+                        break
+                fill()  # the item continues in the next window
+            yield index, item
+            pos = end
+            index += 1
+
+
+def _jsonl_items(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f):
             if not line.strip():
                 continue
             try:
-                raw.append((lineno, json.loads(line)))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno + 1}: malformed JSON line: {err.msg}") from err
-    records: list[_Record] = []
+
+
+def iter_records(path: str | Path) -> Iterator[_Record]:
+    """Parse LLaVA instruction data (JSON array or JSONL) record by record, checking each record's shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (data.path)")
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    jsonl = not head.startswith("[")
     seen: set[str] = set()
-    for index, item in raw:
+    for index, item in _jsonl_items(path) if jsonl else _json_array_items(path):
         where = _where(path, index, jsonl)
         if not isinstance(item, dict):
             raise DataError(f"{where}: a sample must be a JSON object, got {type(item).__name__}")
@@ -123,8 +192,12 @@ def read_records(path: str | Path) -> list[_Record]:
         if sample_id in seen:
             logger.warning("%s: duplicate sample id %s", where, sample_id)
         seen.add(sample_id)
-        records.append(_Record(sample_id, where, image, item["conversations"]))
-    return records
+        yield _Record(sample_id, where, image, item["conversations"])
+
+
+def read_records(path: str | Path) -> list[_Record]:
+    """Every record of a data file, checked (see :func:`iter_records`)."""
+    return list(iter_records(path))
 
 
 def modality_length(conversations: list[dict[str, Any]], has_image: bool) -> int:
@@ -171,18 +244,23 @@ def encode_shard(
     not an image fails now rather than mid-training.
     """
     import datasets
+    import pyarrow as pa
 
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     data_path = Path(data_path)
     folder = Path(image_folder) if image_folder is not None else data_path.parent
-    records = read_records(data_path)  # every rank validates the whole file's structure: cheap, and fails alike
-    stats = DataStats(num_records=len(records))
-    columns: dict[str, list[Any]] = {name: [] for name in _features()}
+    stats = DataStats()
+    features = _features()
+    columns: dict[str, list[Any]] = {name: [] for name in features}
+    batches: list[Any] = []  # Arrow record batches: 4 bytes a token instead of a Python int object each
     root = folder.resolve()
     first_image: tuple[_Record, Path] | None = None
-    for order in range(shard_index, len(records), num_shards):
-        rec = records[order]
+    # Every rank validates the whole file's structure (cheap, and fails alike); only its own shard is kept.
+    for order, rec in enumerate(iter_records(data_path)):
+        stats.num_records += 1
+        if order % num_shards != shard_index:
+            continue
         if rec.image is not None:
             image_path = folder / rec.image
             if not allow_images_outside_folder and not image_path.resolve().is_relative_to(root):
@@ -221,6 +299,10 @@ def encode_shard(
                             ("input_ids", enc.input_ids), ("labels", enc.labels),
                             ("modality_length", modality_length(rec.conversations, rec.image is not None))):
             columns[name].append(value)
+        if len(columns["order"]) >= _ARROW_BATCH:
+            batches.append(_record_batch(columns, features))
+    if columns["order"] or not batches:
+        batches.append(_record_batch(columns, features))
     stats.num_truncated = len(stats.truncated_ids)
     if first_image is not None and on_bad_image == "error":
         rec, image_path = first_image
@@ -229,7 +311,20 @@ def encode_shard(
         except ImageLoadError as err:
             raise DataError(f"{rec.where}: {err} (checked before training; set data.on_bad_image=skip to skip "
                             "unreadable images)") from err
-    return datasets.Dataset.from_dict(columns, features=_features()), stats
+    return datasets.Dataset(pa.Table.from_batches(batches), info=datasets.DatasetInfo(features=features)), stats
+
+
+_ARROW_BATCH = 2048
+
+
+def _record_batch(columns: dict[str, list[Any]], features: Any) -> Any:
+    """The collected samples as one Arrow record batch; empties ``columns``."""
+    import pyarrow as pa
+
+    batch = pa.RecordBatch.from_pydict(dict(columns), schema=features.arrow_schema)
+    for values in columns.values():
+        values.clear()
+    return batch
 
 
 def merge_shards(parts: list[tuple[Any, DataStats]], data_path: str | Path) -> tuple[Any, DataStats]:

@@ -255,6 +255,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     """Run (or resume) training as configured; returns the summary (also written to summary.json)."""
     import deepspeed
 
+    setup_start = time.perf_counter()
     dist = init_distributed()
     if dist.is_main:
         logger.info("world size %d, device %s", dist.world_size, dist.device)
@@ -287,7 +288,11 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     if dist.is_main and base_load["zero3_partitioned"]:
         logger.info("base loaded partitioned: this rank holds %s of %s elements", f"{base_load['local_elements']:,}",
                     f"{base_load['total_elements']:,}")
+    data_start = time.perf_counter()
     dataset = build_dataset(config, processor, model, dist)
+    # Validating + tokenising the data file (665k samples for LLaVA-1.5) before the first step: time and the peak
+    # host memory so far, so scripts/bench_data.py can report them.
+    data_load = {"seconds": time.perf_counter() - data_start, **peak_memory_bytes(torch.device("cpu"))}
     if dist.is_main:
         logger.info("data: %s", summarize_drops(dataset.stats))
 
@@ -336,6 +341,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     start_step = state.global_step
     last_saved = state.global_step if resume_from is not None else -1
     skipped_local = 0
+    seconds_to_first_step = None
     try:
         while state.global_step < total_steps:
             epoch, step_in_epoch = divmod(state.global_step, per_epoch)
@@ -369,6 +375,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                     losses.append(float(loss.detach()))
                 loss_sum, = all_reduce_sum([sum(losses) / len(losses)], dist.device)
                 state.global_step += 1
+                if seconds_to_first_step is None:
+                    seconds_to_first_step = time.perf_counter() - setup_start
                 state.samples_seen += layout.global_batch
                 state.epoch = state.global_step / per_epoch
                 lrs = scheduler.get_last_lr()
@@ -426,6 +434,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         "global_batch": layout.global_batch,
         "zero_stage": stage,
         "base_load": base_load,
+        "data_load": data_load,
+        "seconds_to_first_step": seconds_to_first_step,
         "skipped_samples": state.skipped_samples,
         "data": dataset.stats.to_dict(),
         "final_checkpoint": str(final),

@@ -57,14 +57,35 @@ def test_image_and_text_samples_load_with_lazy_images(tmp_path, processor):
     assert ds[1]["pixel_values"] is None
 
 
+_OK = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+
+
 @pytest.mark.parametrize("content, match", [
-    ('[{"id": "a", "conversations": []},\n  {"id": "b" "conversations": []}]', r"data\.json:2:\d+: malformed JSON"),
+    (f'[{_OK},\n  {{"id": "b" "conversations": []}}]', r"data\.json:2:14: malformed JSON: Expecting ','"),
+    (f'[{_OK},\n\n {_OK}', r"data\.json:3:\d+: malformed JSON: the array is not closed"),
+    (f'[{_OK}] [{_OK}]', r"data\.json:1:\d+: malformed JSON: extra data after the array"),
+    (f'[{_OK} {_OK}]', r"data\.json:1:\d+: malformed JSON: expected ',' or ']'"),
 ])
-def test_malformed_json_array_names_the_line(tmp_path, content, match):
+@pytest.mark.parametrize("window", [7, 1 << 22])  # 7 characters: every record and number crosses a window edge
+def test_malformed_json_array_names_the_line(tmp_path, monkeypatch, content, match, window):
+    monkeypatch.setattr("road_vlm.data.dataset._CHUNK_CHARS", window)
     path = tmp_path / "data.json"
     path.write_text(content)
     with pytest.raises(DataError, match=match):
         read_records(path)
+
+
+def test_json_array_is_parsed_incrementally_with_the_same_result(tmp_path, monkeypatch):
+    records = [{"id": 10 ** (i % 12), "conversations": [{"from": "human", "value": "q é " * i},
+                                                          {"from": "gpt", "value": "a\n" * (i % 5 + 1)}]}
+               for i in range(60)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records, indent=4, ensure_ascii=False), encoding="utf-8")
+    for window in (5, 64, 1 << 22):
+        monkeypatch.setattr("road_vlm.data.dataset._CHUNK_CHARS", window)
+        got = read_records(path)
+        assert [r.sample_id for r in got] == [str(r["id"]) for r in records]
+        assert [r.conversations for r in got] == [r["conversations"] for r in records]
 
 
 def test_malformed_jsonl_line_names_the_line(tmp_path):
