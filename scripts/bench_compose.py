@@ -12,6 +12,10 @@ On the demo's tiny base (``road_vlm.demo``; a finished ``make demo`` is reused) 
    exactly dW_A + dW_B);
 4. evaluate base, each single adapter and both combinations on GQA (shapes) and TextVQA (text).
 
+``--recipe anchored`` trains each adapter on its task plus the other task's prompts answered by the *base* model
+(greedy, first turn; as many as half the task's samples): it learns its task and to leave the other task's
+inputs as the base had them, which is what composing on disjoint pairs relies on. Both methods get the same data.
+
 Printed as JSON (and a markdown table): each score, each adapter's gain over the base on its own task, and the
 share of that gain the combination keeps ("retained"). Target: the composed RoAd adapter keeps >= 90% on both.
 
@@ -59,6 +63,34 @@ def split_tasks(train_dir: Path, out_dir: Path) -> dict[str, Path]:
         paths[task] = out_dir / f"{task}.json"
         paths[task].write_text(json.dumps(rows))
     return paths
+
+
+def anchor_records(base: Path, task_file: Path, image_folder: Path, count: int, out: Path) -> Path:
+    """``count`` records of ``task_file``, first turn only, answered by the base model (greedy): data that teaches
+    an adapter to leave those inputs as the base had them."""
+    from road_vlm.data.images import load_image
+    from road_vlm.generation import GenerationRequest, SamplingParams, generate_batch, prepare_prompt
+    from road_vlm.model import load_vlm
+
+    if out.is_file():
+        return out
+    records = json.loads(task_file.read_text())[:count]
+    model, processor, fmt = load_vlm(base)
+    anchored = []
+    for start in range(0, len(records), 32):
+        chunk = records[start:start + 32]
+        requests = []
+        for record in chunk:
+            question = record["conversations"][0]["value"].replace("<image>", "").strip()
+            image = load_image(image_folder / record["image"]) if "image" in record else None
+            prompt = prepare_prompt(model, processor, fmt, [], question, image)
+            requests.append(GenerationRequest(prompt, sampling=SamplingParams(max_new_tokens=16)))
+        for record, result in zip(chunk, generate_batch(model, processor.tokenizer, requests)):
+            answer = result.text.strip() or "."
+            anchored.append({**record, "id": f"anchor-{record['id']}",
+                             "conversations": [record["conversations"][0], {"from": "gpt", "value": answer}]})
+    out.write_text(json.dumps(anchored))
+    return out
 
 
 def train(base: Path, data: Path, image_folder: Path, out: Path, *, variant: str, subset: str | None, steps: int,
@@ -172,6 +204,9 @@ def main() -> int:
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--road-lr", type=float, default=3e-2, help="RoAd learning rate (the demo's)")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="LoRA learning rate")
+    parser.add_argument("--recipe", choices=("independent", "anchored"), default="independent",
+                        help="independent: each adapter sees only its task; anchored: plus the other task's prompts "
+                        "with the base model's answers")
     parser.add_argument("--quick", action="store_true", help="random tiny base, a few steps: pipeline check only")
     args = parser.parse_args()
 
@@ -181,7 +216,7 @@ def main() -> int:
 
     start = time.perf_counter()
     if args.quick:
-        work = args.workdir / "compose-quick"
+        work = args.workdir / f"compose-quick-{args.recipe}"
         train_dir = generate_training_data(work / "data" / "train", num_samples=60)
         from road_vlm.tiny import build_tiny_llava
 
@@ -193,12 +228,20 @@ def main() -> int:
         print(f"== demo base and data in {args.workdir}", file=sys.stderr, flush=True)
         train_dir, _ = demo.prepare_data(args.workdir, num_train=4000, num_eval=60)
         base = demo.prepare_base(args.workdir, train_dir, steps=1500)
-        work = args.workdir / "compose"
+        work = args.workdir / ("compose" if args.recipe == "independent" else f"compose-{args.recipe}")
         steps, num_eval, processes = args.steps, args.num_eval, args.num_processes
     eval_dir = work / f"eval-data-{num_eval}"
     if not (eval_dir / "pope" / "llava_pope_test.jsonl").is_file():
         generate_eval_data(eval_dir, seed=7, num_per_benchmark=num_eval)
     task_files = split_tasks(train_dir, work / "tasks")
+    if args.recipe == "anchored":
+        sizes = {t: len(json.loads(p.read_text())) for t, p in task_files.items()}
+        anchors = {t: anchor_records(base, task_files[o], train_dir, sizes[t] // 2, work / "tasks" / f"anchor-{o}.json")
+                   for t, o in (("shapes", "text"), ("text", "shapes"))}
+        for task in TASKS:
+            mixed = json.loads(task_files[task].read_text()) + json.loads(anchors[task].read_text())
+            task_files[task] = work / "tasks" / f"{task}-anchored.json"
+            task_files[task].write_text(json.dumps(mixed))
 
     adapters = {}
     for task in TASKS:
@@ -226,7 +269,7 @@ def main() -> int:
     setup = {"base": str(base), "steps_per_adapter": steps, "processes": processes,
              "questions_per_benchmark": results["num_questions"], "road_lr": args.road_lr, "lora_lr": args.lora_lr,
              "train_samples": {t: len(json.loads(p.read_text())) for t, p in task_files.items()},
-             "quick": args.quick}
+             "recipe": args.recipe, "quick": args.quick}
     result = report(results["rows"], time.perf_counter() - start, setup)
     (work / "bench_compose.md").write_text(markdown(result) + "\n")
     print(markdown(result), file=sys.stderr)

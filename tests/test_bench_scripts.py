@@ -49,9 +49,10 @@ def test_repro_strided_linear_quick_runs_standalone():
 
 
 def test_bench_compose_quick_trains_composes_sums_and_reports(tmp_path):
-    report = _run("scripts/bench_compose.py", "--quick", "--workdir", str(tmp_path))
+    report = _run("scripts/bench_compose.py", "--quick", "--recipe", "anchored", "--workdir", str(tmp_path))
     assert set(report["accuracy"]) == {"base", "road4_shapes", "road4_text", "road4_composed", "lora_shapes",
                                        "lora_text", "lora_summed"}
     assert set(report["retained_percent"]) == {"road4", "lora"}
-    composed = tmp_path / "compose-quick" / "adapters" / "road4_composed"
+    assert report["setup"]["recipe"] == "anchored"
+    composed = tmp_path / "compose-quick-anchored" / "adapters" / "road4_composed"
     assert json.loads((composed / "composed_from.json").read_text())["pair_subset"] is None

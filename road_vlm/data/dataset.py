@@ -314,17 +314,29 @@ def encode_shard(
     return datasets.Dataset(pa.Table.from_batches(batches), info=datasets.DatasetInfo(features=features)), stats
 
 
-_ARROW_BATCH = 2048
+_ARROW_BATCH = 256
 
 
 def _record_batch(columns: dict[str, list[Any]], features: Any) -> Any:
-    """The collected samples as one Arrow record batch; empties ``columns``."""
+    """The collected samples as one Arrow record batch; empties ``columns``. Token lists go through flat int32
+    arrays with exact offsets: Arrow's builders fed Python lists keep over-allocated buffers."""
+    import numpy as np
     import pyarrow as pa
 
-    batch = pa.RecordBatch.from_pydict(dict(columns), schema=features.arrow_schema)
+    arrays = []
+    for field in features.arrow_schema:
+        values = columns[field.name]
+        if pa.types.is_list(field.type):
+            lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
+            offsets = np.zeros(len(values) + 1, dtype=np.int32)
+            np.cumsum(lengths, out=offsets[1:])
+            flat = np.fromiter((t for v in values for t in v), dtype=np.int32, count=int(offsets[-1]))
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)).cast(field.type))
+        else:
+            arrays.append(pa.array(values, type=field.type))
     for values in columns.values():
         values.clear()
-    return batch
+    return pa.RecordBatch.from_arrays(arrays, schema=features.arrow_schema)
 
 
 def merge_shards(parts: list[tuple[Any, DataStats]], data_path: str | Path) -> tuple[Any, DataStats]:
