@@ -259,7 +259,7 @@ def main() -> int:
     composed = rows_dir / "road4_composed"
     if not composed.is_dir():
         compose_dirs([rows_dir / "road4_shapes", rows_dir / "road4_text"], composed)
-    summed = lora_sum(base, [rows_dir / "lora_shapes", rows_dir / "lora_text"], rows_dir / "lora_summed")
+    lora_sum(base, [rows_dir / "lora_shapes", rows_dir / "lora_text"], rows_dir / "lora_summed")
 
     order = ["road4_shapes", "road4_text", "road4_composed", "lora_shapes", "lora_text", "lora_summed"]
     print("== eval", file=sys.stderr, flush=True)

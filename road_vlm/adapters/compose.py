@@ -20,7 +20,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import safe_open

@@ -324,16 +324,16 @@ def _record_batch(columns: dict[str, list[Any]], features: Any) -> Any:
     import pyarrow as pa
 
     arrays = []
-    for field in features.arrow_schema:
-        values = columns[field.name]
-        if pa.types.is_list(field.type):
+    for column in features.arrow_schema:
+        values = columns[column.name]
+        if pa.types.is_list(column.type):
             lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
             offsets = np.zeros(len(values) + 1, dtype=np.int32)
             np.cumsum(lengths, out=offsets[1:])
             flat = np.fromiter((t for v in values for t in v), dtype=np.int32, count=int(offsets[-1]))
-            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)).cast(field.type))
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)).cast(column.type))
         else:
-            arrays.append(pa.array(values, type=field.type))
+            arrays.append(pa.array(values, type=column.type))
     for values in columns.values():
         values.clear()
     return pa.RecordBatch.from_arrays(arrays, schema=features.arrow_schema)
