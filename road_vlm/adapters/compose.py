@@ -145,10 +145,10 @@ def compose_dirs(
                                    "--ignore-base-name if these are the same checkpoint at different paths")
     weights = {str(d): _read_weights(d) for d in dirs}
     first = str(dirs[0])
+    shapes = {k: tuple(t.shape) for k, t in weights[first].items()}
     for d, w in weights.items():
-        if {k: tuple(t.shape) for k, t in w.items()} != {k: tuple(t.shape) for k, t in weights[first].items()}:
-            differing = sorted(set(w) ^ set(weights[first])) or sorted(
-                k for k in w if w[k].shape != weights[first][k].shape)
+        if {k: tuple(t.shape) for k, t in w.items()} != shapes:
+            differing = sorted(set(w) ^ set(shapes)) or sorted(k for k in w if tuple(w[k].shape) != shapes[k])
             raise CompositionError(f"adapters {first} and {d} adapt different layers or shapes (first: "
                                    f"{differing[0]}); they must share base and targets")
     composed: dict[str, torch.Tensor] = {}

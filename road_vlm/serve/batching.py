@@ -313,12 +313,12 @@ class ServingEngine:
                 delete_adapter(self.model, old)
                 del self._composed[old]
 
-    def _projector_source(self, adapter: str | None) -> str | None:
+    @staticmethod
+    def _projector_source(bank: _ProjectorBank, adapter: str | None) -> str | None:
         """The adapter whose trained projector a row's images use (a composition's at most one part with one)."""
         if adapter is None or COMPOSED_SEPARATOR not in adapter:
             return adapter
-        bank = self._projector_bank()
-        owners = [p for p in adapter.split(COMPOSED_SEPARATOR) if bank is not None and p in bank.overrides]
+        owners = [p for p in adapter.split(COMPOSED_SEPARATOR) if p in bank.overrides]
         return owners[0] if owners else None
 
     def prepare(
@@ -342,7 +342,7 @@ class ServingEngine:
         with self._lock:
             self._build_compositions(names)
             if bank is not None:
-                bank.image_adapters = [self._projector_source(r.adapter) for r in requests
+                bank.image_adapters = [self._projector_source(bank, r.adapter) for r in requests
                                        if r.prompt.pixel_values is not None]
             try:
                 results = generate_batch(
