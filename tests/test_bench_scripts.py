@@ -56,3 +56,15 @@ def test_bench_compose_quick_trains_composes_sums_and_reports(tmp_path):
     assert report["setup"]["recipe"] == "anchored"
     composed = tmp_path / "compose-quick-anchored" / "adapters" / "road4_composed"
     assert json.loads((composed / "composed_from.json").read_text())["pair_subset"] is None
+
+
+def test_bench_server_quick_drives_real_servers_with_both_batching_policies():
+    report = _run("scripts/bench_server.py", "--quick")
+    assert set(report["runs"]) == {f"{p}-{a}" for p in ("static", "continuous") for a in ("base", "4_adapters")}
+    for key, run in report["runs"].items():
+        assert run["completed"] == run["requests"] and not run["errors"], key
+        assert run["ttft_ms_p95"] is not None and run["tokens_per_s"] > 0, key
+    # Greedy and the same seeded workload: both policies generate exactly the same tokens.
+    for adapters in ("base", "4_adapters"):
+        assert (report["runs"][f"static-{adapters}"]["completion_tokens"]
+                == report["runs"][f"continuous-{adapters}"]["completion_tokens"])

@@ -49,7 +49,7 @@ def answer_batch(loaded: LoadedVLM, batch: list[EvalQuestion]) -> tuple[list[str
     """Greedy answers for one batch and the number of tokens generated.
 
     Goes through the package's one generation path (road_vlm.generation): prompts built as in training,
-    left padding, one ``generate()`` call. Text-only rows (ScienceQA) get no image.
+    left padding, one prefill and decode steps until every row ends. Text-only rows (ScienceQA) get no image.
     """
     model, processor, prompt_format = loaded
     requests = [

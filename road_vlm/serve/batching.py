@@ -1,9 +1,9 @@
 """Many adapters, one base, one batch: the serving engine and its background batch scheduler.
 
 :class:`ServingEngine` loads one base checkpoint through ``load_vlm`` and N adapter directories through the
-adapter engine's ``load_adapter``. A batch of requests, each naming its adapter or None, runs as ONE left-padded
-``generate()`` call inside ``per_sample_adapters``: RoAd's per-row rotation tables make the mixed batch cost one
-element-wise pass per layer, whatever the number of distinct adapters.
+adapter engine's ``load_adapter``. Requests, each naming its adapter or None, decode together in one running batch
+(``generation/decode.py``) under ``per_sample_adapters``: RoAd's per-row rotation tables make the mixed batch cost
+one element-wise pass per layer, whatever the number of distinct adapters.
 
 An adapter may have trained the multimodal projector. The adapter engine loads a projector into the shared base
 module (one per model), which would leak one adapter's projector into every other row; so the serving engine loads
@@ -15,20 +15,21 @@ A request's ``model`` may also compose adapters trained on disjoint pair subsets
 as one more adapter (the ``max_composed`` most recently used are kept) and then costs a mixed batch exactly what
 any other adapter costs: one more row in the gathered rotation tables.
 
-:class:`BatchScheduler` is the request side: a bounded queue and one worker thread that collects concurrent
-requests for a short window (or until ``max_batch_size``) and hands them to the engine as one batch.
+:class:`BatchScheduler` is the request side: a bounded queue and one worker thread that lets waiting requests join
+the running batch between decode steps (continuous batching) and returns each answer as soon as its row ends.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import logging
 import queue
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ from road_vlm.adapters.compose import COMPOSED_SEPARATOR, CompositionError
 from road_vlm.data.template import PromptFormat
 from road_vlm.model import LoadedVLM, load_vlm
 
-from road_vlm.generation import GenerationRequest, GenerationResult, PreparedPrompt, generate_batch, prepare_prompt
+from road_vlm.generation import DecodeBatch, GenerationRequest, GenerationResult, PreparedPrompt, prepare_prompt
+from road_vlm.generation.decode import Finished
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +135,12 @@ def _read_projector(directory: Path, base: nn.Module, prefix: str) -> nn.Module:
 
 @dataclass
 class BatchRecord:
-    """What one generate() call contained (exposed for monitoring and tests)."""
+    """One admission: the requests that joined the running batch together (exposed for monitoring and tests)."""
 
     adapters: list[str | None]
     prompt_tokens: int
-    completion_tokens: int
-    seconds: float
+    running: int  # rows in the batch once they joined
+    seconds: float  # their prefill
 
 
 @dataclass
@@ -157,8 +159,7 @@ class EngineStats:
             "largest_batch": self.largest_batch,
             "recent_batches": [
                 {"adapters": r.adapters, "size": len(r.adapters), "distinct_adapters": len(set(r.adapters)),
-                 "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                 "seconds": round(r.seconds, 4)}
+                 "prompt_tokens": r.prompt_tokens, "running": r.running, "prefill_seconds": round(r.seconds, 4)}
                 for r in list(self.recent)  # a snapshot: the batcher thread appends concurrently
             ],
         }
@@ -182,7 +183,7 @@ class ServingEngine:
         self.adapter_dirs: dict[str, Path] = dict(adapter_dirs or {})
         self.prompt_formats: dict[str, PromptFormat] = dict(prompt_formats or {})
         self.stats = EngineStats()
-        self._lock = threading.Lock()  # one generate() at a time on this model
+        self._lock = threading.Lock()  # one forward at a time on this model
         # HTTP handlers prepare prompts on several threads; a fast tokenizer's Rust state must not be borrowed
         # mutably by two of them at once ("Already borrowed"), so tokenising is serialised (it is cheap).
         self._prepare_lock = threading.Lock()
@@ -295,9 +296,10 @@ class ServingEngine:
     def _known(self, adapter: str) -> bool:
         return all(part in self.adapter_dirs for part in adapter.split(COMPOSED_SEPARATOR))
 
-    def _build_compositions(self, names: Sequence[str | None]) -> None:
-        """Make sure every composition in the batch exists; drop the least recently used ones beyond
-        ``max_composed`` (never one this batch uses). Runs on the batch thread, under the generation lock."""
+    def _build_compositions(self, names: Sequence[str | None], *, in_use: Sequence[str | None] = ()) -> None:
+        """Make sure every composition ``names`` uses exists; drop the least recently used ones beyond
+        ``max_composed`` (never one of ``names`` or ``in_use``, the running rows'). Runs on the batch thread,
+        under the generation lock."""
         from road_vlm.adapters import delete_adapter
         from road_vlm.adapters.compose import compose_loaded
 
@@ -309,7 +311,8 @@ class ServingEngine:
                 compose_loaded(self.model, name.split(COMPOSED_SEPARATOR))
                 self._composed[name] = None
                 self._composed.move_to_end(name)
-            for old in [n for n in self._composed if n not in wanted][: max(0, len(self._composed) - self.max_composed)]:
+            keep = wanted | set(in_use)
+            for old in [n for n in self._composed if n not in keep][: max(0, len(self._composed) - self.max_composed)]:
                 delete_adapter(self.model, old)
                 del self._composed[old]
 
@@ -329,47 +332,73 @@ class ServingEngine:
             return prepare_prompt(self.model, self.processor, self.prompt_format(adapter), history, question, image)
 
     # -- generation
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Run ``requests`` as one mixed-adapter batch (one generate() call) and record its composition."""
-        if not requests:
-            return []
+    def open_batch(self) -> DecodeBatch:
+        """An empty running batch on this model; requests join it through :meth:`admit`."""
+        return DecodeBatch(self.model, self.processor.tokenizer, mixed_adapters=bool(self.adapter_dirs),
+                           prefill_context=self._route_images)
+
+    def admit(self, batch: DecodeBatch, requests: Sequence[GenerationRequest]) -> list[Finished]:
+        """Prefill ``requests`` into the running ``batch`` (their compositions built first); returns the rows that
+        finished at once, and records the admission."""
         for r in requests:
             if r.adapter is not None and not self._known(r.adapter):
                 raise UnknownAdapterError(f"adapter {r.adapter!r} is not loaded")
         names = [r.adapter for r in requests]
-        bank = self._projector_bank()
         start = time.perf_counter()
         with self._lock:
-            self._build_compositions(names)
-            if bank is not None:
-                bank.image_adapters = [self._projector_source(bank, r.adapter) for r in requests
-                                       if r.prompt.pixel_values is not None]
-            try:
-                results = generate_batch(
-                    self.model, self.processor.tokenizer, requests,
-                    adapters=names if self.adapter_dirs else None,
-                )
-            finally:
-                if bank is not None:
-                    bank.image_adapters = None
-        seconds = time.perf_counter() - start
-        record = BatchRecord(
-            adapters=names,
-            prompt_tokens=sum(r.prompt_tokens for r in results),
-            completion_tokens=sum(r.completion_tokens for r in results),
-            seconds=seconds,
-        )
+            if any(n is not None and COMPOSED_SEPARATOR in n for n in names):
+                batch.release_adapters()  # the adapter registry is about to change
+                self._build_compositions(names, in_use=batch.adapters)
+            finished = batch.admit(requests)
+        record = BatchRecord(adapters=names, prompt_tokens=sum(r.prompt.num_tokens for r in requests),
+                             running=batch.size + len(finished), seconds=time.perf_counter() - start)
         self.stats.batches += 1
         self.stats.requests += len(requests)
-        self.stats.completion_tokens += record.completion_tokens
-        self.stats.largest_batch = max(self.stats.largest_batch, len(requests))
+        self.stats.largest_batch = max(self.stats.largest_batch, record.running)
         self.stats.recent.append(record)
-        logger.info(
-            "batch of %d (%s): %d new tokens in %.2fs", len(names),
-            ", ".join(f"{k or self.base_name} x{v}" for k, v in Counter(names).items()),
-            record.completion_tokens, seconds,
-        )
-        return results
+        logger.info("%d joined (%s), %d running", len(names),
+                    ", ".join(f"{k or self.base_name} x{v}" for k, v in Counter(names).items()), batch.size)
+        self._count(finished)
+        return finished
+
+    def step(self, batch: DecodeBatch) -> list[Finished]:
+        """One decode step of the running ``batch``; returns the rows that finished."""
+        with self._lock:
+            finished = batch.step()
+        self._count(finished)
+        return finished
+
+    def _count(self, finished: list[Finished]) -> None:
+        self.stats.completion_tokens += sum(result.completion_tokens for _, result in finished)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run ``requests`` together from the first step to the last (a static batch)."""
+        batch = self.open_batch()
+        results: dict[int, GenerationResult] = {}
+        try:
+            finished = self.admit(batch, requests)
+            while True:
+                results.update((id(request), result) for request, result in finished)
+                if not batch.size:
+                    break
+                finished = self.step(batch)
+        finally:
+            batch.close()
+        return [results[id(r)] for r in requests]
+
+    @contextlib.contextmanager
+    def _route_images(self, requests: Sequence[GenerationRequest]) -> Iterator[None]:
+        """Around a prefill: each image goes through its row's adapter's projector."""
+        bank = self._projector_bank()
+        if bank is None:
+            yield
+            return
+        bank.image_adapters = [self._projector_source(bank, r.adapter) for r in requests
+                               if r.prompt.pixel_values is not None]
+        try:
+            yield
+        finally:
+            bank.image_adapters = None
 
     def _projector_bank(self) -> _ProjectorBank | None:
         from road_vlm.adapters.inject import projector
@@ -384,13 +413,20 @@ class _Ticket:
     future: concurrent.futures.Future[GenerationResult]
 
 
+BATCHING_POLICIES = ("continuous", "static")
+
+
 class BatchScheduler:
-    """Collects concurrent requests into mixed-adapter batches and runs them on one worker thread.
+    """Feeds concurrent requests into the engine's running batch, on one worker thread.
 
     ``submit`` returns a ``concurrent.futures.Future``; a request's ``on_text`` callback streams its text from
     the worker thread. At most ``max_queue`` requests may be waiting or running (QueueFullError beyond that).
-    After the first request of a batch arrives the worker waits up to ``batch_window_s`` for more, so requests
-    that arrive together are generated together.
+
+    ``batching="continuous"`` (default): between any two decode steps, waiting requests join the running batch
+    (up to ``max_batch_size`` rows), and each row leaves as soon as it ends, so a short answer never waits for a
+    long one. ``"static"``: a batch runs until its last row ends before the next one starts (kept for
+    comparison; see scripts/bench_server.py). When the batch is empty, the worker waits for a first request and
+    then up to ``batch_window_s`` for more, so requests that arrive together start together.
     """
 
     def __init__(
@@ -400,6 +436,7 @@ class BatchScheduler:
         max_batch_size: int = 8,
         max_queue: int = 64,
         batch_window_s: float = 0.02,
+        batching: str = "continuous",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -407,15 +444,19 @@ class BatchScheduler:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if batch_window_s < 0:
             raise ValueError(f"batch_window_s must be >= 0, got {batch_window_s}")
+        if batching not in BATCHING_POLICIES:
+            raise ValueError(f"batching must be one of {BATCHING_POLICIES}, got {batching!r}")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batch_window_s = batch_window_s
+        self.batching = batching
         self._queue: queue.Queue[_Ticket | None] = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._running: dict[int, _Ticket] = {}  # id(request) -> ticket, for rows in the running batch
 
     @property
     def pending(self) -> int:
@@ -430,19 +471,13 @@ class BatchScheduler:
         self._thread.start()
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Stop after the batch in progress; requests still waiting fail with RuntimeError."""
+        """Stop admitting; rows already running finish; requests still waiting fail with RuntimeError."""
         self._stopping.set()
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
         self._thread = None
-        while True:
-            try:
-                ticket = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if ticket is not None:
-                self._finish(ticket, error=RuntimeError("the server is shutting down"))
+        self._fail_waiting(RuntimeError("the server is shutting down"))
 
     def submit(self, request: GenerationRequest) -> concurrent.futures.Future[GenerationResult]:
         if self._thread is None or not self._thread.is_alive():
@@ -466,13 +501,27 @@ class BatchScheduler:
         else:
             ticket.future.set_result(result)
 
-    def _collect(self) -> list[_Ticket]:
-        first = self._queue.get()
-        if first is None:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.batch_window_s
-        while len(batch) < self.max_batch_size:
+    def _fail_waiting(self, error: BaseException) -> None:
+        while True:
+            try:
+                ticket = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if ticket is not None:
+                self._finish(ticket, error=error)
+
+    def _collect(self, room: int, *, wait: bool) -> list[_Ticket]:
+        """Up to ``room`` waiting requests. ``wait``: block for a first one, then gather for the batch window;
+        otherwise only take what is already queued (running rows must not wait)."""
+        batch: list[_Ticket] = []
+        if wait:
+            first = self._queue.get()
+            if first is None:  # close() was called
+                self._stopping.set()
+                return []
+            batch.append(first)
+        deadline = time.monotonic() + (self.batch_window_s if wait else 0.0)
+        while len(batch) < room:
             remaining = deadline - time.monotonic()
             try:
                 ticket = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -485,22 +534,40 @@ class BatchScheduler:
         return batch
 
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            batch = self._collect()
-            live = []
-            for ticket in batch:
-                if ticket.request.cancelled.is_set():  # the client left while waiting
-                    self._finish(ticket, error=concurrent.futures.CancelledError())
-                else:
-                    live.append(ticket)
-            if not live:
-                continue
-            try:
-                results = self.engine.generate([t.request for t in live])
-            except Exception as err:  # the batch failed; report it to each caller and keep serving
-                logger.exception("batch of %d failed", len(live))
-                for ticket in live:
-                    self._finish(ticket, error=err)
-                continue
-            for ticket, result in zip(live, results):
-                self._finish(ticket, result=result)
+        batch = self.engine.open_batch()
+        try:
+            while True:
+                if self._stopping.is_set() and not self._running:
+                    break
+                joining: list[_Ticket] = []
+                may_join = self.batching == "continuous" or not self._running
+                if may_join and not self._stopping.is_set():
+                    joining = self._collect(self.max_batch_size - len(self._running), wait=not self._running)
+                live = []
+                for ticket in joining:
+                    if ticket.request.cancelled.is_set():  # the client left while waiting
+                        self._finish(ticket, error=concurrent.futures.CancelledError())
+                    else:
+                        live.append(ticket)
+                try:
+                    finished: list[Finished] = []
+                    if live:
+                        self._running.update((id(t.request), t) for t in live)
+                        finished += self.engine.admit(batch, [t.request for t in live])
+                    if batch.size:
+                        finished += self.engine.step(batch)
+                except Exception as err:  # the batch failed: report it to each of its callers and keep serving
+                    logger.exception("batch of %d failed", len(self._running))
+                    for ticket in self._running.values():
+                        self._finish(ticket, error=err)
+                    self._running.clear()
+                    batch.close()
+                    batch = self.engine.open_batch()
+                    continue
+                for request, result in finished:
+                    self._finish(self._running.pop(id(request)), result=result)
+        finally:
+            batch.close()
+            for ticket in self._running.values():
+                self._finish(ticket, error=RuntimeError("the server is shutting down"))
+            self._running.clear()

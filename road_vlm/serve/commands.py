@@ -54,9 +54,12 @@ def _add_server(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     parser.add_argument("--port", type=_int_in(1, 65535), default=port)
     parser.add_argument("--max-batch-size", type=_int_in(1), default=8, help="requests generated together at most")
+    parser.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                        help="continuous: requests join the running batch between decode steps and leave when done "
+                             "(default); static: a batch runs to its longest answer before the next one starts")
     parser.add_argument("--max-queue", type=_int_in(1), default=64, help="waiting+running requests before 429")
     parser.add_argument("--batch-window-ms", type=float, default=20.0,
-                        help="how long the batcher waits for more requests after the first one")
+                        help="when idle, how long the batcher waits for more requests after the first one")
     parser.add_argument("--max-tokens", type=_int_in(1), default=256, help="default max_tokens of a request")
     parser.add_argument("--max-tokens-cap", type=_int_in(1), default=2048,
                         help="largest max_tokens a request may ask for (larger: 400)")
@@ -238,6 +241,7 @@ def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         batch_window_s=args.batch_window_ms / 1000.0,
+        batching=args.batching,
         default_max_tokens=args.max_tokens,
         max_tokens_cap=args.max_tokens_cap,
         images=images,

@@ -84,25 +84,16 @@ def test_eos_ends_a_row_with_finish_reason_stop(base):
     prompt = prepare_prompt(model, processor, fmt, [], "Describe the image briefly.")
     eos = processor.tokenizer.eos_token_id
 
-    class ForceEos:
-        def __call__(self, input_ids, scores):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, eos] = 0.0
-            return forced
+    def force_eos(_module, _args, logits):
+        forced = torch.full_like(logits, float("-inf"))
+        forced[..., eos] = 0.0
+        return forced
 
-    from transformers import LogitsProcessorList
-
-    original = model.generate
-
-    def generate_with_eos(**kwargs):
-        kwargs["logits_processor"] = LogitsProcessorList([ForceEos()])
-        return original(**kwargs)
-
-    model.generate = generate_with_eos
+    hook = model.get_output_embeddings().register_forward_hook(force_eos)
     try:
         (result,) = generate_batch(model, processor.tokenizer, [GenerationRequest(prompt)])
     finally:
-        del model.generate
+        hook.remove()
     assert result.finish_reason == "stop" and result.token_ids == [] and result.text == ""
 
 
@@ -177,17 +168,15 @@ def test_streamed_text_equals_the_answer_even_with_invalid_byte_sequences(base):
 
 
 def test_a_closed_invalid_byte_group_replaces_text_the_stream_had_not_yet_sent(base):
-    from road_vlm.generation import _RowStreamer
+    from road_vlm.generation.detokenize import IncrementalDetokenizer
 
     _, processor, _ = base
     tokenizer = processor.tokenizer
     ids = tokenizer.convert_tokens_to_ids(["▁square", "<0x36>", "<0xA5>", "▁square"])  # '6' then a lone 0xA5
     pieces: list[str] = []
-    request = GenerationRequest(PreparedPrompt([1], None, 64), on_text=pieces.append)
-    streamer = _RowStreamer(tokenizer, [request], [10], eos_ids={2})
-    streamer.put(torch.tensor([[1]]))
+    text = IncrementalDetokenizer(tokenizer, pieces.append)
     for token in ids:
-        streamer.put(torch.tensor([token]))
-    streamer.end()
-    assert "".join(pieces) == streamer.text(0) == tokenizer.decode(ids) == "square\ufffd\ufffd square"
+        text.push(token)
+    text.finish()
+    assert "".join(pieces) == text.text == tokenizer.decode(ids) == "square\ufffd\ufffd square"
     assert not any("6" in piece for piece in pieces)  # the '6' was never sent: its group turned out invalid

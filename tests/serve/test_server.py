@@ -151,14 +151,14 @@ def test_local_images_only_when_allowed(engine, image_path):
 
 def test_full_queue_answers_429_and_the_server_recovers(engine):
     entered, release = threading.Event(), threading.Event()
-    original = engine.generate
+    original = engine.admit
 
-    def blocking_generate(requests):
+    def blocking_admit(batch, requests):
         entered.set()
         release.wait(60)
-        return original(requests)
+        return original(batch, requests)
 
-    engine.generate = blocking_generate
+    engine.admit = blocking_admit
     try:
         app = create_app(engine, max_queue=1, max_batch_size=1, batch_window_s=0.0)
         with TestClient(app, base_url=LOCAL) as client:
@@ -172,12 +172,15 @@ def test_full_queue_answers_429_and_the_server_recovers(engine):
             assert client.post("/v1/chat/completions", json=_ask("lora", "hi")).status_code == 200
     finally:
         release.set()
-        del engine.generate
+        del engine.admit
 
 
 def test_scheduler_refuses_beyond_max_queue_and_reports_generation_errors(engine):
     class Failing:
-        def generate(self, requests):
+        def open_batch(self):
+            return engine.open_batch()
+
+        def admit(self, batch, requests):
             raise RuntimeError("boom")
 
     scheduler = BatchScheduler(Failing(), max_queue=2, batch_window_s=0.0)  # type: ignore[arg-type]
