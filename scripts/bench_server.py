@@ -7,7 +7,7 @@ that many RoAd4 adapters (random, non-identity parameters). The same seeded work
 each server:
 
 - ``--requests`` chat completions with Poisson arrivals at ``--rate`` per second;
-- each names a random adapter (or the base), asks a question of 1 to 8 sentences, wants 4 to 64 tokens
+- each names a random adapter (or the base), asks a question of 1 to 8 sentences, wants 4 to 128 tokens
   (greedy, so every server generates the same tokens), and a quarter of them send an image (data URL);
 - each is streamed (``stream: true``), one client thread per request.
 
@@ -16,7 +16,7 @@ time to first token (first streamed text after sending; p50/p95), inter-token la
 pieces; p50/p95), rejected requests (429), and the continuous/static ratios. Everything stays on loopback and is
 bounded (request count, per-request timeout, queue size).
 
-    python scripts/bench_server.py                  # tiny LLaVA, 4 runs, ~3 min on 2 CPU cores
+    python scripts/bench_server.py                  # 4 servers, ~5 min on 2 CPU cores
     python scripts/bench_server.py --quick          # smoke run (seconds of load per server)
 """
 
@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SENTENCE = "Describe the image briefly."
-MAX_TOKENS = (4, 8, 16, 32, 64)
+MAX_TOKENS = (4, 8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -76,8 +76,9 @@ def make_workload(args: argparse.Namespace, adapters: int) -> list[Sent]:
     return workload
 
 
-def build_assets(workdir: Path, adapters: int) -> tuple[Path, dict[str, Path], str]:
-    """The tiny base, ``adapters`` RoAd4 adapter directories and an image data URL."""
+def build_assets(workdir: Path, adapters: int, args: argparse.Namespace) -> tuple[Path, dict[str, Path], str]:
+    """The base (tiny architecture at ``--hidden-size`` x ``--num-layers``), ``adapters`` RoAd4 adapter
+    directories and an image data URL."""
     import torch
     from PIL import Image
 
@@ -86,7 +87,7 @@ def build_assets(workdir: Path, adapters: int) -> tuple[Path, dict[str, Path], s
     from road_vlm.model import load_base
     from road_vlm.tiny import build_tiny_llava
 
-    base = build_tiny_llava(workdir / "base")
+    base = build_tiny_llava(workdir / "base", hidden_size=args.hidden_size, num_layers=args.num_layers)
     model, _ = load_base(base)
     dirs = {}
     for i in range(adapters):
@@ -219,22 +220,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", type=int, nargs="+", default=[0, 32], help="adapter counts (0 = base only)")
     parser.add_argument("--batching", nargs="+", default=["static", "continuous"], choices=["static", "continuous"])
-    parser.add_argument("--requests", type=int, default=96)
-    parser.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second (Poisson)")
+    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--rate", type=float, default=5.0, help="mean arrivals per second (Poisson)")
+    parser.add_argument("--hidden-size", type=int, default=384,
+                        help="language model width: large enough that a decode step costs more than HTTP handling")
+    parser.add_argument("--num-layers", type=int, default=6, help="language model layers")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take at most")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 12 requests, adapters 0 and 4")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 12 requests, adapters 0 and 4, the 64-wide 2-layer tiny model")
     parser.add_argument("--output", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.adapters = 12, [0, 4]
+        args.requests, args.adapters, args.hidden_size, args.num_layers = 12, [0, 4], 64, 2
     if args.requests < 1 or args.rate <= 0 or args.max_batch_size < 1 or min(args.adapters) < 0:
         parser.error("--requests, --rate and --max-batch-size must be positive, --adapters non-negative")
 
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base, all_adapters, image_url = build_assets(Path(tmp), max(args.adapters))
+        base, all_adapters, image_url = build_assets(Path(tmp), max(args.adapters), args)
         for adapters in args.adapters:
             served = {name: path for name, path in all_adapters.items() if int(name[1:]) < adapters}
             for batching in args.batching:
@@ -263,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report = {
-        "setup": {"model": "tiny LLaVA (road_vlm.tiny), fp32, CPU, 1 torch thread in the server",
+        "setup": {"model": f"tiny LLaVA architecture (road_vlm.tiny), hidden {args.hidden_size}, {args.num_layers} "
+                           "layers, fp32, CPU, 1 torch thread in the server",
                   "requests": args.requests, "rate_per_s": args.rate, "max_batch_size": args.max_batch_size,
                   "max_tokens_choices": list(MAX_TOKENS), "image_share": 0.25, "seed": args.seed,
                   "cpu_count": os.cpu_count(), "torch": torch.__version__},

@@ -264,10 +264,10 @@ class AdaptedLinear(nn.Module):
                 s2_rows.append(s2)
             c1_t = torch.stack(c1_rows).to(dtype)
             s2_t = torch.stack(s2_rows).to(dtype)
+            # Built from a Python list in one copy: per-element writes into a device tensor are one kernel each, and
+            # continuous batching rebuilds these tables whenever a row joins or leaves.
             bucket_row = {n: i + 1 for i, n in enumerate(bucket)}
-            remap = torch.zeros(len(present) + 1, dtype=torch.long, device=device)
-            for n in bucket:
-                remap[row_of[n]] = bucket_row[n]
+            remap = torch.tensor([0] + [bucket_row.get(n, 0) for n in present], dtype=torch.long, device=device)
             rotations.append((gs, remap, c1_t, s2_t))
 
         lora_a = lora_b = None
