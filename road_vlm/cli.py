@@ -13,7 +13,8 @@ _COMMAND_MODULES = (
     "road_vlm.train.commands",   # train
     "road_vlm.eval.commands",    # eval, score
     "road_vlm.serve.commands",   # chat, chat-ui, merge, export, compose, serve
-    "road_vlm.demo",             # demo
+    "road_vlm.board.commands",   # board
+    "road_vlm.demo.commands",    # demo
 )
 
 

@@ -2,7 +2,7 @@
 """Composability, measured: two RoAd4 adapters on disjoint halves of the pairs, composed without retraining,
 against two LoRA adapters merged by PEFT's ``add_weighted_adapter`` (the field's usual alternative).
 
-On the demo's tiny base (``road_vlm.demo``; a finished ``make demo`` is reused) and its synthetic data:
+On the demo's tiny base (``road_vlm.demo.pipeline``; a finished ``make demo`` is reused) and its synthetic data:
 
 1. split the instruction data into two tasks: *shapes* (colour/shape/count questions and "Is there a ...?" about
    shape images) and *text* (reading the word on a sign);
@@ -43,7 +43,7 @@ SUBSETS = {"shapes": "1/2", "text": "2/2"}
 
 def split_tasks(train_dir: Path, out_dir: Path) -> dict[str, Path]:
     """instruct.json -> one file per task (records keep their image paths, relative to ``train_dir``)."""
-    from road_vlm.data.synthetic import load_specs
+    from road_vlm.demo.synthetic import load_specs
 
     specs = load_specs(train_dir)
     records = json.loads((train_dir / "instruct.json").read_text())
@@ -96,14 +96,11 @@ def anchor_records(base: Path, task_file: Path, image_folder: Path, count: int, 
 def train(base: Path, data: Path, image_folder: Path, out: Path, *, variant: str, subset: str | None, steps: int,
           num_processes: int, learning_rate: float) -> Path:
     """One run of the real recipe; returns its final checkpoint (an existing one is reused)."""
-    from road_vlm.demo import _config_path, _final_checkpoint
+    from road_vlm.demo.pipeline import _config_path
     from road_vlm.train.commands import launcher_command
 
-    if out.is_dir():
-        try:
-            return _final_checkpoint(out)
-        except FileNotFoundError:
-            pass
+    if (out / "summary.json").is_file():
+        return Path(json.loads((out / "summary.json").read_text())["final_checkpoint"])
     overrides = [f"model.name_or_path={base}", f"data.path={data}", f"data.image_folder={image_folder}",
                  f"output.dir={out}", f"adapter.variant={variant}", "adapter.train_projector=false",
                  f"adapter.pair_subset={subset if subset else 'null'}", f"train.max_steps={steps}",
@@ -121,7 +118,7 @@ def train(base: Path, data: Path, image_folder: Path, out: Path, *, variant: str
         code = subprocess.call(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
     if code != 0:
         raise RuntimeError(f"training {out.name} failed (exit {code}); see {log}")
-    return _final_checkpoint(out)
+    return Path(json.loads((out / "summary.json").read_text())["final_checkpoint"])
 
 
 def lora_sum(base: Path, adapters: list[Path], out: Path) -> Path:
@@ -193,10 +190,10 @@ def markdown(result: dict) -> str:
 
 
 def main() -> int:
-    from road_vlm import demo
+    from road_vlm.demo import pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=demo.default_workdir(),
+    parser.add_argument("--workdir", type=Path, default=pipeline.default_workdir(),
                         help="the demo's work directory (its base and data are reused or built); results go to "
                         "WORKDIR/compose")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per adapter")
@@ -211,14 +208,14 @@ def main() -> int:
     args = parser.parse_args()
 
     from road_vlm.adapters.compose import compose_dirs
-    from road_vlm.data.synthetic import generate_eval_data, generate_training_data, tokenizer_corpus
+    from road_vlm.demo.synthetic import generate_eval_data, generate_training_data, tokenizer_corpus
     from road_vlm.eval.api import evaluate
 
     start = time.perf_counter()
     if args.quick:
         work = args.workdir / f"compose-quick-{args.recipe}"
         train_dir = generate_training_data(work / "data" / "train", num_samples=60)
-        from road_vlm.tiny import build_tiny_llava
+        from road_vlm.demo.tiny_base import build_tiny_llava
 
         base = work / "base"
         if not (base / "config.json").is_file():
@@ -226,8 +223,9 @@ def main() -> int:
         steps, num_eval, processes = 2, 4, 1
     else:
         print(f"== demo base and data in {args.workdir}", file=sys.stderr, flush=True)
-        train_dir, _ = demo.prepare_data(args.workdir, num_train=4000, num_eval=60)
-        base = demo.prepare_base(args.workdir, train_dir, steps=1500)
+        pipeline.run_demo(args.workdir, until="base")  # reused when a demo already built them
+        work = pipeline.Workdir(args.workdir)
+        train_dir, base = work.train_data, work.base
         work = args.workdir / ("compose" if args.recipe == "independent" else f"compose-{args.recipe}")
         steps, num_eval, processes = args.steps, args.num_eval, args.num_processes
     eval_dir = work / f"eval-data-{num_eval}"

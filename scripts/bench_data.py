@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Data at LLaVA-1.5 scale: time and host memory to validate and tokenise a 665k-record instruction file and reach
-the first optimizer step with 2 ranks.
+"""Data at LLaVA-1.5 scale: time and host memory to validate and index a 665k-record instruction file and reach
+the first optimizer step with 2 ranks (samples are tokenised on access, in the DataLoader).
 
 Writes a synthetic file in ``llava_v1_5_mix665k.json``'s format (one JSON array; image records with
 ``coco/train2017/...``-style paths and up to 8 question/answer rounds, about a third text-only ShareGPT-style
@@ -8,7 +8,7 @@ records with a ``model`` field and long answers; image files are a small shared 
 COCO images), then runs the real recipe (``configs/demo.yaml`` on a tiny random base, ``data.max_length`` 2048,
 modality-grouped sampling, ``deepspeed --num_gpus 2``, one step) and samples every rank's resident memory.
 
-    python scripts/bench_data.py                  # 665,000 records (~1 GB file), ~5 min on 2 CPU cores
+    python scripts/bench_data.py                  # 665,000 records (1.45 GB file), ~3 min on 2 CPU cores
     python scripts/bench_data.py --quick          # 3,000 records: checks the script runs
 
 Prints one JSON object. Targets (issue 17): first step in under 5 minutes, peak RSS under 4 GB per rank.
@@ -35,7 +35,7 @@ IMAGE_DIRS = ("coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_i
 
 
 def _words() -> list[str]:
-    from road_vlm.data.synthetic import tokenizer_corpus
+    from road_vlm.demo.synthetic import tokenizer_corpus
 
     return sorted({w.strip(".,?!:;()") for line in tokenizer_corpus() for w in line.split()} - {""})
 
@@ -118,9 +118,9 @@ def run_first_step(base: Path, data: Path, image_folder: Path, out: Path, max_le
         port = probe.getsockname()[1]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            "scripts/train.py",
-           "--config", "configs/demo.yaml", f"model.name_or_path={base}", "model.build_tiny_if_missing=false",
+           "--config", "configs/demo.yaml", f"model.name_or_path={base}",
            f"data.path={data}", f"data.image_folder={image_folder}", f"data.max_length={max_length}",
-           "data.generate_synthetic_if_missing=0", f"output.dir={out}", "output.report_to=none",
+           f"output.dir={out}", "output.report_to=none",
            "train.max_steps=1", "train.verify_final_adapter=false", "adapter.train_projector=false"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -140,7 +140,7 @@ def run_first_step(base: Path, data: Path, image_folder: Path, out: Path, max_le
         "peak_rss_per_rank_gib": sorted(round(v / GIB, 3) for v in memory.peaks.values()),
         "samples": summary["data"]["num_samples"],
         "dropped": summary["data"]["num_dropped"],
-        "text_truncated": summary["data"]["num_truncated"],
+        "text_truncated_in_first_step": summary["truncated_samples"],
     }
 
 
@@ -153,8 +153,8 @@ def main() -> int:
     args = parser.parse_args()
     records = 3000 if args.quick else args.records
 
-    from road_vlm.data.synthetic import tokenizer_corpus
-    from road_vlm.tiny import build_tiny_llava
+    from road_vlm.demo.synthetic import tokenizer_corpus
+    from road_vlm.demo.tiny_base import build_tiny_llava
 
     with tempfile.TemporaryDirectory(prefix="road_vlm_bench_data_") as tmp:
         work = args.workdir or Path(tmp)

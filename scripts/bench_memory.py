@@ -39,8 +39,8 @@ def _run(model: Path, data: Path, out: Path, zero: str) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "scripts/train.py",
-           "--config", "configs/demo.yaml", f"model.name_or_path={model}", "model.build_tiny_if_missing=false",
-           f"data.path={data}", "data.generate_synthetic_if_missing=0", f"output.dir={out}", "output.report_to=none",
+           "--config", "configs/demo.yaml", f"model.name_or_path={model}",
+           f"data.path={data}", f"output.dir={out}", "output.report_to=none",
            f"deepspeed.config=configs/deepspeed/{zero}.json", "train.max_steps=2", "train.per_device_batch_size=1",
            "train.verify_final_adapter=false", "train.gradient_checkpointing=false"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
@@ -89,8 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     hidden, layers = (64, 2) if args.quick else (args.hidden_size, args.num_layers)
 
-    from road_vlm.data.synthetic import generate_training_data, tokenizer_corpus
-    from road_vlm.tiny import build_tiny_llava
+    from road_vlm.demo.synthetic import generate_training_data, tokenizer_corpus
+    from road_vlm.demo.tiny_base import build_tiny_llava
 
     work = Path(tempfile.mkdtemp(prefix="road_vlm_bench_memory_"))
     model = build_tiny_llava(work / "model", corpus=tokenizer_corpus(), hidden_size=hidden, num_layers=layers)

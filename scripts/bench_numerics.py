@@ -33,7 +33,7 @@ def main() -> None:
 
     import torch
 
-    from road_vlm.data.synthetic import generate_eval_data, tokenizer_corpus
+    from road_vlm.demo.synthetic import generate_eval_data, tokenizer_corpus
     from road_vlm.eval import evaluate
     from road_vlm.eval.predictions import PREDICTIONS_FILE, read_predictions
 
@@ -41,7 +41,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="road_vlm_numerics_"))
     model = args.model
     if model is None:
-        from road_vlm.tiny import build_tiny_llava
+        from road_vlm.demo.tiny_base import build_tiny_llava
 
         model = build_tiny_llava(work / "tiny", corpus=tokenizer_corpus())
     data = generate_eval_data(work / "data", num_per_benchmark=args.num_per_benchmark)

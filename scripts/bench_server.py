@@ -85,7 +85,7 @@ def build_assets(workdir: Path, adapters: int, args: argparse.Namespace) -> tupl
     from road_vlm.adapters import AdapterConfig, adapted_layers, add_adapter, delete_adapter, save_adapter
     from road_vlm.data.template import PromptFormat
     from road_vlm.model import load_base
-    from road_vlm.tiny import build_tiny_llava
+    from road_vlm.demo.tiny_base import build_tiny_llava
 
     base = build_tiny_llava(workdir / "base", hidden_size=args.hidden_size, num_layers=args.num_layers)
     model, _ = load_base(base)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report = {
-        "setup": {"model": f"tiny LLaVA architecture (road_vlm.tiny), hidden {args.hidden_size}, {args.num_layers} "
+        "setup": {"model": f"tiny LLaVA architecture (road_vlm.demo.tiny_base), hidden {args.hidden_size}, {args.num_layers} "
                            "layers, fp32, CPU, 1 torch thread in the server",
                   "requests": args.requests, "rate_per_s": args.rate, "max_batch_size": args.max_batch_size,
                   "max_tokens_choices": list(MAX_TOKENS), "image_share": 0.25, "seed": args.seed,

@@ -35,7 +35,7 @@ def _build_model(preset: str, device: str, dtype, num_layers: int | None = None)
 
     if preset == "tiny":
         from road_vlm.model import load_base
-        from road_vlm.tiny import build_tiny_llava
+        from road_vlm.demo.tiny_base import build_tiny_llava
 
         path = build_tiny_llava(Path(tempfile.gettempdir()) / "road_vlm_bench_tiny")
         model, _ = load_base(path, device=device, dtype=dtype)

@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA-1.5 checkpoint whose tokenizer covers the synthetic data's vocabulary."""
-    from road_vlm.data.synthetic import tokenizer_corpus
-    from road_vlm.tiny import build_tiny_llava
+    from road_vlm.demo.synthetic import tokenizer_corpus
+    from road_vlm.demo.tiny_base import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "base", corpus=tokenizer_corpus())
 

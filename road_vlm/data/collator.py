@@ -46,4 +46,5 @@ class SupervisedCollator:
             "pixel_values": torch.stack(images) if images else None,
             "ids": [item["id"] for item in items],
             "num_skipped": sum(1 for item in items if item.get("skipped")),
+            "num_truncated": sum(1 for item in items if item.get("truncated")),
         }

@@ -1,19 +1,24 @@
-"""LLaVA instruction data -> validated, tokenised training samples with lazily decoded images.
+"""LLaVA instruction data -> validated training samples, tokenised and decoded lazily (as LLaVA's own dataset).
 
 Input: a JSON array or JSONL file of ``{"id", "image"?, "conversations": [{"from", "value"}, ...]}`` (LLaVA's
 ``llava_v1_5_mix665k.json`` format), images relative to an image folder, text-only samples allowed.
 
 Everything that can be checked without decoding an image is checked *before* training starts, with errors that
 name the file, the line (JSONL) or record index (JSON array) and the sample id: malformed JSON, missing
-``conversations``, wrong turn order, ``<image>`` without an image (or the reverse), missing image files. Samples
-that are well-formed but cannot be supervised (image tokens beyond ``max_length``, nothing left to supervise
-after truncation) are dropped and counted, never silently cut. Image *decoding* happens lazily in
-``__getitem__`` (in DataLoader workers); an unreadable image is an error naming the sample, or with
-``on_bad_image="skip"`` the sample keeps a blank image and no supervised token, and is counted.
+``conversations``, wrong turn order, ``<image>`` without an image (or the reverse), what the template cannot
+render, missing image files. Image samples whose image tokens would not fit in ``max_length`` are dropped and
+counted (where the image ends is the same for every sample, so this needs no tokenising).
+
+Tokenising and image *decoding* happen in ``__getitem__`` (in DataLoader workers): tokenising 665k samples up
+front took 7.7 minutes and 6.5 GB per rank on 2 CPU ranks, indexing them takes 1.6 minutes and 2 GB. Text beyond
+``max_length`` is truncated as LLaVA does and the item says so (``truncated``, counted by the trainer); a sample
+left with no answer token after truncation, or whose image cannot be read with ``on_bad_image="skip"``, keeps its
+shape but supervises nothing (``skipped``, counted), so every rank still sees the same number of samples. An unreadable image is otherwise an error naming the sample.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -29,6 +34,8 @@ from road_vlm.data.template import (
     LabelingError,
     conversation_to_turns,
     encode_training_sample,
+    image_tokens_end,
+    render_training_sample,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,8 +55,6 @@ class DataStats:
     num_samples: int = 0  # kept for training
     num_image_samples: int = 0
     num_text_samples: int = 0
-    num_truncated: int = 0  # text tokens cut at max_length (LLaVA truncates text too); ids in truncated_ids
-    truncated_ids: list[str] = field(default_factory=list)
     dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> sample ids
 
     @property
@@ -62,7 +67,6 @@ class DataStats:
             "num_samples": self.num_samples,
             "num_image_samples": self.num_image_samples,
             "num_text_samples": self.num_text_samples,
-            "num_truncated": self.num_truncated,
             "num_dropped": self.num_dropped,
             "dropped": {reason: {"count": len(ids), "ids": ids[:50]} for reason, ids in self.dropped.items()},
         }
@@ -207,19 +211,18 @@ def modality_length(conversations: list[dict[str, Any]], has_image: bool) -> int
 
 
 def _features():
-    from datasets import Features, Sequence, Value
+    from datasets import Features, Value
 
     return Features({
         "order": Value("int64"),  # record index in the data file: shards are merged back into file order
         "id": Value("string"),
         "image": Value("string"),
-        "input_ids": Sequence(Value("int32")),
-        "labels": Sequence(Value("int32")),
+        "conversations": Value("string"),  # the record's turns as JSON, tokenised on access
         "modality_length": Value("int64"),
     })
 
 
-def encode_shard(
+def index_shard(
     data_path: str | Path,
     *,
     tokenizer: Any,
@@ -233,11 +236,11 @@ def encode_shard(
     template: str = "vicuna_v1",
     allow_images_outside_folder: bool = False,
 ) -> tuple[Any, DataStats]:
-    """Validate every record, then check images and tokenise records ``shard_index::num_shards``.
+    """Validate every record, then check the images of records ``shard_index::num_shards`` and keep them.
 
-    Returns the shard as a ``datasets.Dataset`` and its stats (``num_records`` counts the whole file). Training
-    processes each encode one shard and merge them with ``merge_shards``, so start-up tokenisation of a 665k-sample
-    file is split across ranks instead of repeated by each.
+    Returns the shard as a ``datasets.Dataset`` (the records' turns as JSON text, tokenised on access) and its
+    stats (``num_records`` counts the whole file). Training processes each index one shard and merge them with
+    ``merge_shards``.
 
     Image paths must stay inside the image folder once resolved (no ``..``, absolute paths or symlinks leading
     out) unless ``allow_images_outside_folder``; the shard's first image is decoded up front, so a file that is
@@ -253,13 +256,20 @@ def encode_shard(
     stats = DataStats()
     features = _features()
     columns: dict[str, list[Any]] = {name: [] for name in features}
-    batches: list[Any] = []  # Arrow record batches: 4 bytes a token instead of a Python int object each
+    batches: list[Any] = []
     root = folder.resolve()
     first_image: tuple[_Record, Path] | None = None
+    image_end = image_tokens_end(tokenizer, num_image_tokens=num_image_tokens, image_token_id=image_token_id,
+                                 template=template)
     # Every rank validates the whole file's structure (cheap, and fails alike); only its own shard is kept.
     for order, rec in enumerate(iter_records(data_path)):
         stats.num_records += 1
         if order % num_shards != shard_index:
+            continue
+        try:  # what the template cannot render (e.g. a multi-turn record for ``plain``): dropped and counted
+            render_training_sample(rec.conversations, has_image=rec.image is not None, template=template)
+        except LabelingError as err:
+            stats.dropped.setdefault(f"cannot be labelled: {err}", []).append(rec.sample_id)
             continue
         if rec.image is not None:
             image_path = folder / rec.image
@@ -275,35 +285,19 @@ def encode_shard(
                     )
                 stats.dropped.setdefault("image file missing", []).append(rec.sample_id)
                 continue
-        try:
-            enc = encode_training_sample(
-                tokenizer,
-                rec.conversations,
-                has_image=rec.image is not None,
-                num_image_tokens=num_image_tokens,
-                image_token_id=image_token_id,
-                max_length=max_length,
-                template=template,
-            )
-        except LabelingError as err:
-            # Structure was validated in read_records, so what is left is length: drop and count.
-            reason = ("image tokens would be cut at max_length" if "image tokens" in str(err)
-                      else f"cannot be labelled: {err}")
-            stats.dropped.setdefault(reason, []).append(rec.sample_id)
-            continue
-        if enc.truncated:
-            stats.truncated_ids.append(rec.sample_id)
-        if rec.image is not None and first_image is None:
-            first_image = (rec, image_path)
+            if image_end > max_length:
+                stats.dropped.setdefault("image tokens would be cut at max_length", []).append(rec.sample_id)
+                continue
+            if first_image is None:
+                first_image = (rec, image_path)
         for name, value in (("order", order), ("id", rec.sample_id), ("image", rec.image),
-                            ("input_ids", enc.input_ids), ("labels", enc.labels),
+                            ("conversations", json.dumps(rec.conversations, ensure_ascii=False)),
                             ("modality_length", modality_length(rec.conversations, rec.image is not None))):
             columns[name].append(value)
         if len(columns["order"]) >= _ARROW_BATCH:
             batches.append(_record_batch(columns, features))
     if columns["order"] or not batches:
         batches.append(_record_batch(columns, features))
-    stats.num_truncated = len(stats.truncated_ids)
     if first_image is not None and on_bad_image == "error":
         rec, image_path = first_image
         try:
@@ -311,32 +305,28 @@ def encode_shard(
         except ImageLoadError as err:
             raise DataError(f"{rec.where}: {err} (checked before training; set data.on_bad_image=skip to skip "
                             "unreadable images)") from err
-    return datasets.Dataset(pa.Table.from_batches(batches), info=datasets.DatasetInfo(features=features)), stats
+    # An explicit fingerprint: without one, datasets hashes the whole in-memory table (a transient copy of it,
+    # 2.7 GB for half of a 665k-record file).
+    source = Path(data_path).stat()
+    fingerprint = hashlib.sha256(
+        f"{Path(data_path).resolve()}:{source.st_size}:{source.st_mtime_ns}:{shard_index}/{num_shards}".encode()
+    ).hexdigest()[:32]
+    table = pa.Table.from_batches(batches)
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=fingerprint), stats
 
 
-_ARROW_BATCH = 256
+_ARROW_BATCH = 4096
 
 
 def _record_batch(columns: dict[str, list[Any]], features: Any) -> Any:
-    """The collected samples as one Arrow record batch; empties ``columns``. Token lists go through flat int32
-    arrays with exact offsets: Arrow's builders fed Python lists keep over-allocated buffers."""
-    import numpy as np
+    """The collected samples as one Arrow record batch; empties ``columns``."""
     import pyarrow as pa
 
-    arrays = []
-    for column in features.arrow_schema:
-        values = columns[column.name]
-        if pa.types.is_list(column.type):
-            lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
-            offsets = np.zeros(len(values) + 1, dtype=np.int32)
-            np.cumsum(lengths, out=offsets[1:])
-            flat = np.fromiter((t for v in values for t in v), dtype=np.int32, count=int(offsets[-1]))
-            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)).cast(column.type))
-        else:
-            arrays.append(pa.array(values, type=column.type))
+    batch = pa.RecordBatch.from_arrays([pa.array(columns[c.name], type=c.type) for c in features.arrow_schema],
+                                       schema=features.arrow_schema)
     for values in columns.values():
         values.clear()
-    return pa.RecordBatch.from_arrays(arrays, schema=features.arrow_schema)
+    return batch
 
 
 def merge_shards(parts: list[tuple[Any, DataStats]], data_path: str | Path) -> tuple[Any, DataStats]:
@@ -347,9 +337,7 @@ def merge_shards(parts: list[tuple[Any, DataStats]], data_path: str | Path) -> t
     for _, part in parts:
         for reason, ids in part.dropped.items():
             stats.dropped.setdefault(reason, []).extend(ids)
-        stats.truncated_ids.extend(part.truncated_ids)
     samples = datasets.concatenate_datasets([p for p, _ in parts]).sort("order")
-    stats.num_truncated = len(stats.truncated_ids)
     stats.num_samples = len(samples)
     stats.num_image_samples = sum(1 for image in samples["image"] if image is not None)
     stats.num_text_samples = stats.num_samples - stats.num_image_samples
@@ -363,11 +351,22 @@ def merge_shards(parts: list[tuple[Any, DataStats]], data_path: str | Path) -> t
     return samples, stats
 
 
-class LazySupervisedDataset(torch.utils.data.Dataset):
-    """Tokenised LLaVA samples (a ``datasets.Dataset``) + image paths; images are decoded on access.
+@dataclass(frozen=True)
+class Tokenization:
+    """How a sample is tokenised on access (what ``index_shard`` checked the records against)."""
 
-    ``LazySupervisedDataset(path, ...)`` encodes the whole file in this process; training processes build it with
-    ``from_samples`` from shards encoded in parallel (see ``encode_shard``).
+    tokenizer: Any
+    num_image_tokens: int
+    image_token_id: int
+    max_length: int = 2048
+    template: str = "vicuna_v1"
+
+
+class LazySupervisedDataset(torch.utils.data.Dataset):
+    """Validated LLaVA records (a ``datasets.Dataset``): tokenised and their images decoded on access.
+
+    ``LazySupervisedDataset(path, ...)`` indexes the whole file in this process; training processes build it with
+    ``from_samples`` from shards indexed in parallel (see ``index_shard``).
     """
 
     def __init__(
@@ -385,13 +384,14 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         template: str = "vicuna_v1",
         allow_images_outside_folder: bool = False,
     ) -> None:
-        shard = encode_shard(
+        shard = index_shard(
             data_path, tokenizer=tokenizer, num_image_tokens=num_image_tokens, image_token_id=image_token_id,
             max_length=max_length, image_folder=image_folder, on_bad_image=on_bad_image, template=template,
             allow_images_outside_folder=allow_images_outside_folder,
         )
         samples, stats = merge_shards([shard], data_path)
-        self._setup(samples, stats, data_path=data_path, image_processor=image_processor, image_folder=image_folder,
+        self._setup(samples, stats, Tokenization(tokenizer, num_image_tokens, image_token_id, max_length, template),
+                    data_path=data_path, image_processor=image_processor, image_folder=image_folder,
                     image_aspect_ratio=image_aspect_ratio, on_bad_image=on_bad_image)
 
     @classmethod
@@ -399,6 +399,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         cls,
         samples: Any,
         stats: DataStats,
+        tokenization: Tokenization,
         *,
         data_path: str | Path,
         image_processor: Any,
@@ -406,23 +407,25 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         image_aspect_ratio: str = "pad",
         on_bad_image: str = "error",
     ) -> LazySupervisedDataset:
-        """Wrap already encoded samples (``merge_shards`` output)."""
+        """Wrap already indexed samples (``merge_shards`` output)."""
         self = cls.__new__(cls)
-        self._setup(samples, stats, data_path=data_path, image_processor=image_processor, image_folder=image_folder,
-                    image_aspect_ratio=image_aspect_ratio, on_bad_image=on_bad_image)
+        self._setup(samples, stats, tokenization, data_path=data_path, image_processor=image_processor,
+                    image_folder=image_folder, image_aspect_ratio=image_aspect_ratio, on_bad_image=on_bad_image)
         return self
 
-    def _setup(self, samples: Any, stats: DataStats, *, data_path: str | Path, image_processor: Any,
-               image_folder: str | Path | None, image_aspect_ratio: str, on_bad_image: str) -> None:
+    def _setup(self, samples: Any, stats: DataStats, tokenization: Tokenization, *, data_path: str | Path,
+               image_processor: Any, image_folder: str | Path | None, image_aspect_ratio: str,
+               on_bad_image: str) -> None:
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         self.data_path = Path(data_path)
         self.image_folder = Path(image_folder) if image_folder is not None else self.data_path.parent
+        self.tokenization = tokenization
         self.image_processor = image_processor
         self.image_aspect_ratio = image_aspect_ratio
         self.on_bad_image = on_bad_image
         self.stats = stats
-        # Arrow-backed storage keeps 665k tokenised samples compact and shareable with DataLoader workers.
+        # Arrow-backed storage keeps 665k records compact and shareable with DataLoader workers.
         self.samples = samples
         self._images: list[str | None] = list(samples["image"])
         self.has_image: list[bool] = [image is not None for image in self._images]
@@ -437,11 +440,22 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.samples[index]
-        input_ids = torch.tensor(row["input_ids"], dtype=torch.long)
-        labels = torch.tensor(row["labels"], dtype=torch.long)
+        t = self.tokenization
+        has_image = row["image"] is not None
+        try:
+            encoded = encode_training_sample(
+                t.tokenizer, json.loads(row["conversations"]), has_image=has_image,
+                num_image_tokens=t.num_image_tokens, image_token_id=t.image_token_id, max_length=t.max_length,
+                template=t.template, require_supervised=False,
+            )
+        except LabelingError as err:  # index_shard checked what can fail here; a changed setting could not be
+            raise DataError(f"{self.data_path} (id {row['id']}): {err}") from err
+        input_ids = torch.tensor(encoded.input_ids, dtype=torch.long)
+        labels = torch.tensor(encoded.labels, dtype=torch.long)
+        # Truncation left no answer token: the sample keeps its shape and supervises nothing (counted as skipped).
+        skipped = bool((labels == IGNORE_INDEX).all())
         pixel_values = None
-        skipped = False
-        if row["image"] is not None:
+        if has_image:
             path = self.image_folder / row["image"]
             try:
                 image = load_image(path)
@@ -460,7 +474,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             else:
                 pixel_values = preprocess_images(self.image_processor, [image], self.image_aspect_ratio)[0]
         return {"id": row["id"], "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values,
-                "skipped": skipped}
+                "skipped": skipped, "truncated": encoded.truncated}
 
 
 def _processor_size(image_processor: Any) -> int:
@@ -473,8 +487,6 @@ def summarize_drops(stats: DataStats) -> str:
     reasons = Counter({reason: len(ids) for reason, ids in stats.dropped.items()})
     parts = [f"{stats.num_samples}/{stats.num_records} samples kept "
              f"({stats.num_image_samples} with image, {stats.num_text_samples} text-only)"]
-    if stats.num_truncated:
-        parts.append(f"{stats.num_truncated} text-truncated at max_length")
     for reason, count in reasons.most_common():
         parts.append(f"{count} dropped ({reason})")
     return "; ".join(parts)

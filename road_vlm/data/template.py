@@ -205,6 +205,30 @@ def render_plain(conversations: list[dict[str, Any]], *, has_image: bool) -> tup
     return text, [(len(IMAGE_TOKEN), len(text))]
 
 
+def render_training_sample(
+    conversations: list[dict[str, Any]], *, has_image: bool, template: str = "vicuna_v1"
+) -> tuple[str, list[tuple[int, int]]]:
+    """The training text of one LLaVA conversation and the character spans to supervise (no tokenising: cheap
+    enough to validate a 665k-record file up front). Raises LabelingError for a conversation the template cannot
+    render."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown conversation template {template!r}; known: {', '.join(TEMPLATES)}")
+    if template == "plain":
+        return render_plain(conversations, has_image=has_image)
+    return render_turns(list(conversation_to_turns(conversations, has_image=has_image)))
+
+
+def image_tokens_end(tokenizer: Any, *, num_image_tokens: int, image_token_id: int, template: str = "vicuna_v1") -> int:
+    """Where the image tokens of a training sample end. The same for every sample: the image opens the first
+    user turn (``vicuna_v1``, after the system prompt) or the sample (``plain``), and ``<image>`` is a special
+    token, so nothing after it changes the tokens before it."""
+    probe = [{"from": "human", "value": IMAGE_TOKEN + "\n?"}, {"from": "gpt", "value": "."}]
+    text, spans = render_training_sample(probe, has_image=True, template=template)
+    ids, _ = _tokenize_with_images(tokenizer, text, num_image_tokens=num_image_tokens, image_token_id=image_token_id,
+                                   spans=spans)
+    return max(i for i, t in enumerate(ids) if t == image_token_id) + 1
+
+
 def encode_training_sample(
     tokenizer: Any,
     conversations: list[dict[str, Any]],
@@ -214,16 +238,13 @@ def encode_training_sample(
     image_token_id: int,
     max_length: int,
     template: str = "vicuna_v1",
+    require_supervised: bool = True,
 ) -> EncodedSample:
     """Token ids and labels for one LLaVA conversation (answers and their ``</s>`` supervised; ``plain``: the
-    caption and its newline)."""
+    caption and its newline). ``require_supervised=False``: a sample whose every answer token was truncated away
+    is returned (all labels ignored) instead of raising."""
     _check_tokenizer(tokenizer)
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {template!r}; known: {', '.join(TEMPLATES)}")
-    if template == "plain":
-        text, spans = render_plain(conversations, has_image=has_image)
-    else:
-        text, spans = render_turns(list(conversation_to_turns(conversations, has_image=has_image)))
+    text, spans = render_training_sample(conversations, has_image=has_image, template=template)
     ids, supervised = _tokenize_with_images(
         tokenizer, text, num_image_tokens=num_image_tokens, image_token_id=image_token_id, spans=spans
     )
@@ -238,7 +259,7 @@ def encode_training_sample(
         ids, supervised = ids[:max_length], supervised[:max_length]
         truncated = True
     labels = [t if s else IGNORE_INDEX for t, s in zip(ids, supervised)]
-    if all(label == IGNORE_INDEX for label in labels):
+    if require_supervised and all(label == IGNORE_INDEX for label in labels):
         raise LabelingError("no answer token left to supervise" + (" after truncation" if truncated else ""))
     return EncodedSample(input_ids=ids, labels=labels, truncated=truncated)
 

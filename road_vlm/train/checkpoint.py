@@ -68,6 +68,7 @@ class TrainerState:
     world_size: int = 1
     learning_rate: float = 0.0
     skipped_samples: int = 0
+    truncated_samples: int = 0  # text cut at max_length (tokenised on access, so counted as training sees them)
     loss_history: list[dict[str, float]] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:

@@ -37,7 +37,6 @@ class ModelConfig:
 
     name_or_path: str = ""  # HF LLaVA checkpoint dir or hub id (required)
     dtype: str = "auto"  # auto -> bf16/fp16 when train.bf16/fp16, else fp32; or float32|bfloat16|float16
-    build_tiny_if_missing: bool = False  # demo only: build road_vlm.tiny's model at name_or_path if absent
 
 
 @dataclass
@@ -53,7 +52,6 @@ class DataConfig:
     on_bad_image: str = "error"  # error | skip (skipped samples are counted and reported)
     allow_images_outside_folder: bool = False  # image paths may leave image_folder (.., absolute, symlinks)
     num_workers: int = 0  # DataLoader worker processes (image decoding)
-    generate_synthetic_if_missing: int = 0  # demo only: write N synthetic samples at `path` if it is absent
 
 
 @dataclass

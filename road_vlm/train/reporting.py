@@ -124,6 +124,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  peak host RSS (rank 0): {mem['host_peak_rss_bytes'] / gib:.2f} GiB")
     data = summary["data"]
     lines.append(f"  data: {data['num_samples']}/{data['num_records']} samples used, {data['num_dropped']} dropped, "
-                 f"{data['num_truncated']} text-truncated, {summary['skipped_samples']} skipped (bad image)")
+                 f"{summary['truncated_samples']} text-truncated, {summary['skipped_samples']} skipped (unreadable "
+                 "image, or nothing left to supervise after truncation)")
     lines.append(f"  final checkpoint: {summary['final_checkpoint']}")
     return "\n".join(lines)

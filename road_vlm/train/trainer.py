@@ -3,12 +3,14 @@
 Order of work (everything that can fail on bad input happens before the first optimizer step, so a typo or a
 broken sample never costs trained steps):
 
-1. process group (deepspeed / torchrun / plain python), seeds, resume decision
-2. base model + processor (road_vlm.model.load_base), adapter (road_vlm.adapters.add_adapter: a group_size that
-   does not divide a layer's d_out fails here, naming the layer), gradient checkpointing
-3. data: parse, validate, tokenise every sample; check every image file exists
-4. optimizer (LLaVA's 4 groups), warmup+cosine schedule, DeepSpeed config with "auto" filled, initialize
-5. resume (engine/optimizer/scheduler/RNG state; data order is a function of seed and step), train, save
+1. ``prepare_output``: process group (deepspeed / torchrun / plain python), seeds, resume decision
+2. ``load_model``: DeepSpeed config with "auto" filled; base model + processor (road_vlm.model.load_base, under
+   zero.Init for ZeRO-3), adapter (road_vlm.adapters.add_adapter: a group_size that does not divide a layer's
+   d_out fails here, naming the layer), gradient checkpointing
+3. ``load_data``: parse and validate every sample, check every image file exists (tokenised on access)
+4. ``initialize_engine``: optimizer (LLaVA's 4 groups), warmup+cosine schedule, ``deepspeed.initialize``, resume
+   (engine/optimizer/scheduler/RNG state; data order is a function of seed and step)
+5. ``run_steps``: train, log, save; ``finish``: verify the saved adapter, summary.json, loss.png
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from road_vlm.data.collator import SupervisedCollator
-from road_vlm.data.dataset import DataStats, LazySupervisedDataset, encode_shard, merge_shards, summarize_drops
+from road_vlm.data.dataset import (
+    DataStats,
+    LazySupervisedDataset,
+    Tokenization,
+    index_shard,
+    merge_shards,
+    summarize_drops,
+)
 from road_vlm.data.sampler import (
     BatchLayout,
     epoch_order,
@@ -45,7 +54,7 @@ from road_vlm.train.checkpoint import (
     save_checkpoint,
 )
 from road_vlm.train.config import ConfigError, TrainingConfig
-from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from road_vlm.train.ds_config import (
     build_deepspeed_config,
     offloads_optimizer,
@@ -77,33 +86,6 @@ def _model_dtype(config: TrainingConfig) -> str:
     if config.train.fp16:
         return "float16"
     return "float32"
-
-
-def _prepare_demo_assets(config: TrainingConfig, dist: DistInfo) -> None:
-    """Build the tiny model / synthetic data the demo config asks for (rank 0; others wait)."""
-    error = None
-    if dist.is_main:
-        try:
-            if config.data.generate_synthetic_if_missing > 0 and not Path(config.data.path).exists():
-                from road_vlm.data.synthetic import generate_training_data
-
-                root = Path(config.data.path).parent
-                generate_training_data(root, num_samples=config.data.generate_synthetic_if_missing)
-                if not Path(config.data.path).exists():
-                    raise ConfigError(
-                        f"data.generate_synthetic_if_missing wrote {root} but not {config.data.path} "
-                        "(the generator writes instruct.json and pretrain.json)"
-                    )
-            if config.model.build_tiny_if_missing and not (Path(config.model.name_or_path) / "config.json").exists():
-                from road_vlm.data.synthetic import tokenizer_corpus
-                from road_vlm.tiny import build_tiny_llava
-
-                build_tiny_llava(config.model.name_or_path, corpus=tokenizer_corpus(), seed=config.train.seed)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            error = f"{type(err).__name__}: {err}"
-    error = broadcast_object(error)
-    if error is not None:
-        raise RuntimeError(f"preparing demo assets failed: {error}")
 
 
 def _first_error(dist: DistInfo, fn, *args, **kwargs):
@@ -178,10 +160,11 @@ DATA_CACHE = ".data-cache"
 
 
 def build_dataset(config: TrainingConfig, processor: Any, model: Any, dist: DistInfo) -> LazySupervisedDataset:
-    """Validate and tokenise the training data before training; with N processes each encodes 1/N of it.
+    """Validate the training data before training (samples are tokenised on access); with N processes each
+    indexes 1/N of it.
 
     Shards go through ``<output.dir>/.data-cache/`` (Arrow files on the shared output filesystem, memory-mapped
-    by every rank), so no rank repeats another's tokenisation and nothing large travels through collectives.
+    by every rank), so no rank repeats another's indexing and nothing large travels through collectives.
     """
     import datasets
 
@@ -194,22 +177,24 @@ def build_dataset(config: TrainingConfig, processor: Any, model: Any, dist: Dist
         max_length=config.data.max_length, image_folder=config.data.image_folder, on_bad_image=config.data.on_bad_image,
         template=config.data.template, allow_images_outside_folder=config.data.allow_images_outside_folder,
     )
+    tokenization = Tokenization(tokenizer, encode_kwargs["num_image_tokens"], encode_kwargs["image_token_id"],
+                                config.data.max_length, config.data.template)
     wrap_kwargs = dict(data_path=config.data.path, image_processor=processor.image_processor,
                        image_folder=config.data.image_folder, image_aspect_ratio=config.data.image_aspect_ratio,
                        on_bad_image=config.data.on_bad_image)
     if dist.world_size == 1:
-        shard = _first_error(dist, encode_shard, config.data.path, **encode_kwargs)
+        shard = _first_error(dist, index_shard, config.data.path, **encode_kwargs)
         samples, stats = _first_error(dist, merge_shards, [shard], config.data.path)
-        return LazySupervisedDataset.from_samples(samples, stats, **wrap_kwargs)
-    shard, shard_stats = _first_error(dist, encode_shard, config.data.path, shard_index=dist.rank,
-                                      num_shards=dist.world_size, **encode_kwargs)
+        return LazySupervisedDataset.from_samples(samples, stats, tokenization, **wrap_kwargs)
     cache = Path(config.output.dir) / DATA_CACHE
 
-    def _write() -> None:
+    def _index_and_write() -> None:  # the in-memory shard is dropped once written: ranks read all shards mmapped
+        shard, shard_stats = index_shard(config.data.path, shard_index=dist.rank, num_shards=dist.world_size,
+                                         **encode_kwargs)
         shard.save_to_disk(str(cache / f"shard-{dist.rank}"))
         (cache / f"shard-{dist.rank}.json").write_text(json.dumps(asdict(shard_stats)))
 
-    _first_error(dist, _write)
+    _first_error(dist, _index_and_write)
 
     def _read() -> list[tuple[Any, DataStats]]:
         return [(datasets.load_from_disk(str(cache / f"shard-{r}")),
@@ -217,7 +202,7 @@ def build_dataset(config: TrainingConfig, processor: Any, model: Any, dist: Dist
 
     parts = _first_error(dist, _read)
     samples, stats = _first_error(dist, merge_shards, parts, config.data.path)
-    return LazySupervisedDataset.from_samples(samples, stats, **wrap_kwargs)
+    return LazySupervisedDataset.from_samples(samples, stats, tokenization, **wrap_kwargs)
 
 
 def compute_loss(
@@ -251,96 +236,159 @@ def compute_loss(
     return loss
 
 
+@dataclass
+class TrainingRun:
+    """What the steps of one run share, filled in as ``train`` goes."""
+
+    config: TrainingConfig
+    dist: DistInfo
+    output_dir: Path
+    setup_start: float
+    resume_from: Path | None = None
+    ds_config: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    processor: Any = None
+    dataset: LazySupervisedDataset | None = None
+    engine: Any = None
+    scheduler: Any = None
+    layout: BatchLayout | None = None
+    per_epoch: int = 0
+    total_steps: int = 0
+    state: TrainerState | None = None
+    collator: SupervisedCollator | None = None
+    pixel_dtype: torch.dtype = torch.float32
+    report: dict[str, Any] = field(default_factory=dict)  # summary.json parts gathered on the way
+
+    @property
+    def stage(self) -> int:
+        return zero_stage(self.ds_config)
+
+
 def train(config: TrainingConfig) -> dict[str, Any]:
     """Run (or resume) training as configured; returns the summary (also written to summary.json)."""
-    import deepspeed
+    run = TrainingRun(config=config, dist=init_distributed(), output_dir=Path(config.output.dir),
+                      setup_start=time.perf_counter())
+    prepare_output(run)
+    load_model(run)
+    load_data(run)
+    initialize_engine(run)
+    run_steps(run)
+    return finish(run)
 
-    setup_start = time.perf_counter()
-    dist = init_distributed()
+
+def prepare_output(run: TrainingRun) -> None:
+    """Seeds, the output folder, the resume decision; leftovers of an interrupted run are removed."""
+    config, dist, output_dir = run.config, run.dist, run.output_dir
     if dist.is_main:
         logger.info("world size %d, device %s", dist.world_size, dist.device)
     seed_everything(config.train.seed)
-    output_dir = Path(config.output.dir)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    resume_from = _first_error(dist, resolve_resume, config.train.resume, output_dir)
+    run.resume_from = _first_error(dist, resolve_resume, config.train.resume, output_dir)
     if dist.is_main:
         for leftover in output_dir.glob(f"{TMP_PREFIX}*"):
             logger.warning("removing %s: a checkpoint save that was interrupted", leftover)
             shutil.rmtree(leftover)
-        if (output_dir / DATA_CACHE).exists():  # tokenised shards of an earlier run: always rebuilt
+        if (output_dir / DATA_CACHE).exists():  # indexed shards of an earlier run: always rebuilt
             shutil.rmtree(output_dir / DATA_CACHE)
     barrier()
-    _prepare_demo_assets(config, dist)
+
+
+def load_model(run: TrainingRun) -> None:
+    """The DeepSpeed config ("auto" filled), then the base with its adapter."""
+    config, dist = run.config, run.dist
     raw_ds = _first_error(dist, read_deepspeed_json, config.deepspeed.config)
     if config.output.report_to == "wandb":
         _first_error(dist, _require_wandb)
-
-    stage = zero_stage(raw_ds)
-    ds_config = _first_error(dist, build_deepspeed_config, raw_ds, config, world_size=dist.world_size,
-                             hidden_size=_text_hidden_size(config.model.name_or_path), source=config.deepspeed.config)
+    run.ds_config = _first_error(dist, build_deepspeed_config, raw_ds, config, world_size=dist.world_size,
+                                 hidden_size=_text_hidden_size(config.model.name_or_path),
+                                 source=config.deepspeed.config)
     # ZeRO-0/1/2 keep a full model copy per rank, loaded straight onto the accelerator. ZeRO-3 constructs and loads
     # the base inside zero.Init, so no rank ever holds all of it (13B in bf16 would be 26 GB per rank otherwise).
-    model, processor = _first_error(dist, load_model_with_adapter, config, dist.device,
-                                    zero3_config=ds_config if stage == 3 else None)
-    base_load = {**partition_stats(model), **peak_memory_bytes(dist.device)}  # peaks so far: the load
+    run.model, run.processor = _first_error(dist, load_model_with_adapter, config, dist.device,
+                                            zero3_config=run.ds_config if run.stage == 3 else None)
+    base_load = {**partition_stats(run.model), **peak_memory_bytes(dist.device)}  # peaks so far: the load
     if dist.is_main and base_load["zero3_partitioned"]:
         logger.info("base loaded partitioned: this rank holds %s of %s elements", f"{base_load['local_elements']:,}",
                     f"{base_load['total_elements']:,}")
-    data_start = time.perf_counter()
-    dataset = build_dataset(config, processor, model, dist)
-    # Validating + tokenising the data file (665k samples for LLaVA-1.5) before the first step: time and the peak
-    # host memory so far, so scripts/bench_data.py can report them.
-    data_load = {"seconds": time.perf_counter() - data_start, **peak_memory_bytes(torch.device("cpu"))}
-    if dist.is_main:
-        logger.info("data: %s", summarize_drops(dataset.stats))
+    run.report["base_load"] = base_load
+
+
+def load_data(run: TrainingRun) -> None:
+    """Validate and index the data file (665k samples for LLaVA-1.5) before the first step; the time and the peak
+    host memory so far are reported (scripts/bench_data.py)."""
+    start = time.perf_counter()
+    run.dataset = build_dataset(run.config, run.processor, run.model, run.dist)
+    run.report["data_load"] = {"seconds": time.perf_counter() - start, **peak_memory_bytes(torch.device("cpu"))}
+    if run.dist.is_main:
+        logger.info("data: %s", summarize_drops(run.dataset.stats))
+
+
+def initialize_engine(run: TrainingRun) -> None:
+    """Optimizer (LLaVA's groups), schedule, ``deepspeed.initialize``, then the resumed state if any."""
+    import deepspeed
 
     from road_vlm.adapters import trainable_parameters
 
-    trainable, total = trainable_parameters(model)
-    t = config.train
-    layout = BatchLayout(dist.world_size, t.per_device_batch_size, t.gradient_accumulation_steps)
-    per_epoch = steps_per_epoch(len(dataset), layout)
-    total_steps = t.max_steps if t.max_steps > 0 else per_epoch * t.num_epochs
-    warmup = warmup_steps(t.warmup_ratio, total_steps)
-    groups = param_groups(model, learning_rate=t.learning_rate, projector_lr=t.projector_lr,
+    config, dist, t = run.config, run.dist, run.config.train
+    trainable, total = trainable_parameters(run.model)
+    run.report.update(trainable_parameters=trainable, total_parameters=total,
+                      trainable_percent=100.0 * trainable / total)
+    run.layout = layout = BatchLayout(dist.world_size, t.per_device_batch_size, t.gradient_accumulation_steps)
+    run.per_epoch = steps_per_epoch(len(run.dataset), layout)
+    run.total_steps = t.max_steps if t.max_steps > 0 else run.per_epoch * t.num_epochs
+    warmup = warmup_steps(t.warmup_ratio, run.total_steps)
+    groups = param_groups(run.model, learning_rate=t.learning_rate, projector_lr=t.projector_lr,
                           weight_decay=t.weight_decay)
     optimizer = build_optimizer(groups, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                                cpu_offload=offloads_optimizer(ds_config))
-    scheduler = build_scheduler(optimizer, kind=t.lr_scheduler, warmup=warmup, total_steps=total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+                                cpu_offload=offloads_optimizer(run.ds_config))
+    scheduler = build_scheduler(optimizer, kind=t.lr_scheduler, warmup=warmup, total_steps=run.total_steps)
+    run.engine, _, _, run.scheduler = deepspeed.initialize(
+        model=run.model, optimizer=optimizer, lr_scheduler=scheduler, config=run.ds_config
     )
-    install_stand_in(engine.module)  # after initialize: it must run inside ZeRO-3's per-forward module trace
+    install_stand_in(run.engine.module)  # after initialize: it must run inside ZeRO-3's per-forward module trace
     if dist.is_main:
         logger.info(
             "trainable parameters %s / %s (%.4f%%); %d samples, global batch %d, %d steps (%d per epoch), warmup %d",
-            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, len(dataset), layout.global_batch,
-            total_steps, per_epoch, warmup,
+            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, len(run.dataset), layout.global_batch,
+            run.total_steps, run.per_epoch, warmup,
         )
 
-    state = TrainerState(max_steps=total_steps, steps_per_epoch=per_epoch, global_batch=layout.global_batch,
-                         world_size=dist.world_size)
-    if resume_from is not None:
-        state = load_checkpoint(engine, resume_from, dist)
-        if state.global_batch != layout.global_batch or state.steps_per_epoch != per_epoch:
+    run.state = TrainerState(max_steps=run.total_steps, steps_per_epoch=run.per_epoch,
+                             global_batch=layout.global_batch, world_size=dist.world_size)
+    if run.resume_from is not None:
+        state = load_checkpoint(run.engine, run.resume_from, dist)
+        if state.global_batch != layout.global_batch or state.steps_per_epoch != run.per_epoch:
             raise ConfigError(
-                f"cannot resume {resume_from}: it used global batch {state.global_batch} with {state.steps_per_epoch} "
-                f"steps/epoch, this run has {layout.global_batch} with {per_epoch}; keep the data and batch settings"
+                f"cannot resume {run.resume_from}: it used global batch {state.global_batch} with "
+                f"{state.steps_per_epoch} steps/epoch, this run has {layout.global_batch} with {run.per_epoch}; "
+                "keep the data and batch settings"
             )
-        state.max_steps = total_steps
+        state.max_steps = run.total_steps
+        run.state = state
         if dist.is_main:
-            logger.info("resumed from %s at step %d", resume_from, state.global_step)
+            logger.info("resumed from %s at step %d", run.resume_from, state.global_step)
+    run.pixel_dtype = next(run.engine.module.model.vision_tower.parameters()).dtype
+    run.collator = SupervisedCollator(pad_token_id=run.processor.tokenizer.pad_token_id,
+                                      max_length=config.data.max_length)
 
-    pixel_dtype = next(engine.module.model.vision_tower.parameters()).dtype
-    collator = SupervisedCollator(pad_token_id=processor.tokenizer.pad_token_id, max_length=config.data.max_length)
-    reporter = Reporter(output_dir=output_dir, report_to=config.output.report_to, total_steps=total_steps,
+
+def _save(run: TrainingRun) -> None:
+    save_checkpoint(engine=run.engine, model=run.engine.module, config=run.config, state=run.state,
+                    output_dir=run.output_dir, dist=run.dist, adapter_name=ADAPTER_NAME)
+
+
+def run_steps(run: TrainingRun) -> None:
+    """The optimizer steps from the current one to the last, with logging and checkpoints."""
+    config, dist, t, state, layout = run.config, run.dist, run.config.train, run.state, run.layout
+    dataset, per_epoch, total_steps = run.dataset, run.per_epoch, run.total_steps
+    reporter = Reporter(output_dir=run.output_dir, report_to=config.output.report_to, total_steps=total_steps,
                         initial_step=state.global_step, enabled=dist.is_main, run_config=config.to_dict())
     start_time = time.perf_counter()
     start_step = state.global_step
-    last_saved = state.global_step if resume_from is not None else -1
-    skipped_local = 0
+    last_saved = state.global_step if run.resume_from is not None else -1
+    skipped_local = truncated_local = 0
     seconds_to_first_step = None
     try:
         while state.global_step < total_steps:
@@ -352,9 +400,9 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             batches = rank_micro_batches(order, layout, dist.rank, start_step=step_in_epoch)
             # ZeRO-3: which micro-steps have an image on some rank (then every rank runs the vision tower).
             vision_steps = (micro_steps_with_images(order, layout, dataset.has_image, start_step=step_in_epoch)
-                            if stage == 3 else [False] * len(batches))
+                            if run.stage == 3 else [False] * len(batches))
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches, collate_fn=collator, num_workers=config.data.num_workers,
+                dataset, batch_sampler=batches, collate_fn=run.collator, num_workers=config.data.num_workers,
                 # A private generator: creating loader iterators must not draw from the global torch RNG.
                 generator=torch.Generator().manual_seed(t.seed),
             )
@@ -368,22 +416,21 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                 for _micro in range(layout.grad_accum):
                     batch = next(batch_iter)
                     skipped_local += batch["num_skipped"]
-                    loss = compute_loss(engine, batch, pixel_dtype=pixel_dtype,
+                    truncated_local += batch["num_truncated"]
+                    loss = compute_loss(run.engine, batch, pixel_dtype=run.pixel_dtype,
                                         train_projector=config.adapter.train_projector, run_vision=next(vision_iter))
-                    engine.backward(loss)
-                    engine.step()
+                    run.engine.backward(loss)
+                    run.engine.step()
                     losses.append(float(loss.detach()))
                 loss_sum, = all_reduce_sum([sum(losses) / len(losses)], dist.device)
                 state.global_step += 1
                 if seconds_to_first_step is None:
-                    seconds_to_first_step = time.perf_counter() - setup_start
+                    seconds_to_first_step = time.perf_counter() - run.setup_start
                 state.samples_seen += layout.global_batch
                 state.epoch = state.global_step / per_epoch
-                lrs = scheduler.get_last_lr()
-                state.learning_rate = float(lrs[0])
+                state.learning_rate = float(run.scheduler.get_last_lr()[0])
                 mean_loss = loss_sum / dist.world_size
-                record = {"step": state.global_step, "loss": mean_loss, "lr": state.learning_rate}
-                state.loss_history.append(record)
+                state.loss_history.append({"step": state.global_step, "loss": mean_loss, "lr": state.learning_rate})
                 if state.global_step % t.logging_steps == 0 or state.global_step == total_steps:
                     elapsed = time.perf_counter() - step_start
                     reporter.log(state.global_step, {
@@ -391,53 +438,61 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                         "samples_per_second": layout.global_batch / max(elapsed, 1e-9),
                     })
                 if state.global_step % t.save_steps == 0 or state.global_step == total_steps:
-                    state.skipped_samples += int(all_reduce_sum([float(skipped_local)], dist.device)[0])
-                    skipped_local = 0
-                    save_checkpoint(engine=engine, model=engine.module, config=config, state=state,
-                                    output_dir=output_dir, dist=dist, adapter_name=ADAPTER_NAME)
+                    skipped, truncated = all_reduce_sum([float(skipped_local), float(truncated_local)], dist.device)
+                    state.skipped_samples += int(skipped)
+                    state.truncated_samples += int(truncated)
+                    skipped_local = truncated_local = 0
+                    _save(run)
                     last_saved = state.global_step
     finally:
         reporter.close()
 
     if last_saved != state.global_step:  # e.g. resumed from the final checkpoint: nothing new to train
-        save_checkpoint(engine=engine, model=engine.module, config=config, state=state, output_dir=output_dir,
-                        dist=dist, adapter_name=ADAPTER_NAME)
-    train_seconds = time.perf_counter() - start_time
+        _save(run)
+    run.report.update(steps_this_run=state.global_step - start_step, train_seconds=time.perf_counter() - start_time,
+                      seconds_to_first_step=seconds_to_first_step)
+
+
+def finish(run: TrainingRun) -> dict[str, Any]:
+    """Reload the final adapter and compare (``train.verify_final_adapter``); summary.json, loss.png."""
+    config, dist, state, output_dir = run.config, run.dist, run.state, run.output_dir
     final = output_dir / f"checkpoint-{state.global_step}"
     reload_check = None
-    if t.verify_final_adapter:
+    if config.train.verify_final_adapter:
         from road_vlm.train.verify import verify_saved_adapter
 
         reload_check = verify_saved_adapter(
-            engine=engine, dataset=dataset, collator=collator, checkpoint=final,
-            base_model=config.model.name_or_path, dtype=_model_dtype(config), pixel_dtype=pixel_dtype,
+            engine=run.engine, dataset=run.dataset, collator=run.collator, checkpoint=final,
+            base_model=config.model.name_or_path, dtype=_model_dtype(config), pixel_dtype=run.pixel_dtype,
             output_dir=output_dir, dist=dist,
         )
         if dist.is_main:
             logger.info("reloaded %s with load_vlm: max |logit diff| = %.3g on sample %s", final,
                         reload_check["max_abs_diff"], reload_check["sample_id"])
     history = state.loss_history
+    report = run.report
     summary = {
         "global_step": state.global_step,
-        "steps_this_run": state.global_step - start_step,
+        "steps_this_run": report["steps_this_run"],
         "samples_seen": state.samples_seen,
         "epoch": state.epoch,
-        "train_seconds": train_seconds,
-        "resumed_from": str(resume_from) if resume_from is not None else None,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_percent": 100.0 * trainable / total,
+        "train_seconds": report["train_seconds"],
+        "resumed_from": str(run.resume_from) if run.resume_from is not None else None,
+        "trainable_parameters": report["trainable_parameters"],
+        "total_parameters": report["total_parameters"],
+        "trainable_percent": report["trainable_percent"],
         "first_loss": history[0]["loss"] if history else float("nan"),
         "last_loss": history[-1]["loss"] if history else float("nan"),
         "peak_memory": peak_memory_bytes(dist.device),
         "world_size": dist.world_size,
-        "global_batch": layout.global_batch,
-        "zero_stage": stage,
-        "base_load": base_load,
-        "data_load": data_load,
-        "seconds_to_first_step": seconds_to_first_step,
+        "global_batch": run.layout.global_batch,
+        "zero_stage": run.stage,
+        "base_load": report["base_load"],
+        "data_load": report["data_load"],
+        "seconds_to_first_step": report["seconds_to_first_step"],
         "skipped_samples": state.skipped_samples,
-        "data": dataset.stats.to_dict(),
+        "truncated_samples": state.truncated_samples,
+        "data": run.dataset.stats.to_dict(),
         "final_checkpoint": str(final),
         "reload_check": reload_check,
         "checkpoints": [str(p) for _, p in list_checkpoints(output_dir)] if dist.is_main else [],

@@ -25,8 +25,8 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         PreTrainedTokenizerFast,
     )
 
-    from road_vlm.data.synthetic import tokenizer_corpus
-    from road_vlm.tiny import CLIP_MEAN, CLIP_STD, _train_tokenizer
+    from road_vlm.demo.synthetic import tokenizer_corpus
+    from road_vlm.demo.tiny_base import CLIP_MEAN, CLIP_STD, _train_tokenizer
 
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(1)

@@ -35,7 +35,7 @@ def _train(recipe: str, *overrides: str) -> dict:
 
 
 def test_stage1_trains_only_the_projector_and_feeds_stage2(parts: dict[str, Path], tmp_path: Path):
-    from road_vlm.data.synthetic import generate_training_data
+    from road_vlm.demo.synthetic import generate_training_data
     from road_vlm.model import load_vlm
 
     data = generate_training_data(tmp_path / "data", num_samples=24, num_pretrain=24)

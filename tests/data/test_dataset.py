@@ -163,9 +163,19 @@ def test_image_tokens_beyond_max_length_are_dropped_and_counted(tmp_path, proces
     ds = _dataset(path, processor, max_length=40)
     assert [ds.sample_id(i) for i in range(len(ds))] == ["t", "long"]
     assert ds.stats.dropped == {"image tokens would be cut at max_length": ["cut"]}
-    # Text is truncated like LLaVA does, but counted and reported.
-    assert ds.stats.truncated_ids == ["long"] and len(ds[1]["input_ids"]) == 40
+    # Text is truncated like LLaVA does (on access: samples are tokenised lazily), and the item says so.
+    assert ds[1]["truncated"] and len(ds[1]["input_ids"]) == 40 and not ds[1]["skipped"]
+    assert not ds[0]["truncated"]
     assert ds.stats.to_dict()["num_dropped"] == 1
+
+
+def test_a_sample_truncated_before_its_first_answer_supervises_nothing_and_is_skipped(tmp_path, processor):
+    long_question = {"id": "q", "conversations": [{"from": "human", "value": "Which shape has three sides? " * 8},
+                                                  {"from": "gpt", "value": "A triangle."}]}
+    path = _write(tmp_path, [long_question, _text_sample("t")])
+    item = _dataset(path, processor, max_length=20)[0]
+    assert item["truncated"] and item["skipped"] and len(item["input_ids"]) == 20
+    assert (item["labels"] == IGNORE_INDEX).all()
 
 
 def test_empty_dataset_after_filtering_is_an_error(tmp_path, processor):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from road_vlm.data.synthetic import generate_eval_data
+from road_vlm.demo.synthetic import generate_eval_data
 from road_vlm.data.template import SYSTEM_V1, render_prompt
 from road_vlm.eval import gqa, pope, scienceqa, textvqa
 from road_vlm.eval.api import load_questions, resolve_checkpoints

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from road_vlm.data.synthetic import generate_eval_data
+from road_vlm.demo.synthetic import generate_eval_data
 from road_vlm.eval import evaluate, gqa, pope, scienceqa, textvqa
 from road_vlm.eval.benchmarks import BENCHMARKS
 from road_vlm.eval.commands import register

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``instruct.json`` + images from the synthetic generator (mixed image / text-only samples)."""
-    from road_vlm.data.synthetic import generate_training_data
+    from road_vlm.demo.synthetic import generate_training_data
 
     root = generate_training_data(tmp_path_factory.mktemp("synthetic"), num_samples=240, num_pretrain=0)
     return root / "instruct.json"

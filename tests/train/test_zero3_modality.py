@@ -24,7 +24,7 @@ RESUME_AT = 70  # mid-epoch (epoch 5, step 5 of 13), before the step where the r
 
 @pytest.fixture(scope="module")
 def mixed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from road_vlm.data.synthetic import generate_training_data
+    from road_vlm.demo.synthetic import generate_training_data
 
     return generate_training_data(tmp_path_factory.mktemp("mixed"), num_samples=NUM_SAMPLES) / "instruct.json"
 

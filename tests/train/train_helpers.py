@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 def demo_config(tiny_llava_dir: Path, data_path: Path, output_dir: Path, **sections: dict) -> dict:
     """configs/demo.yaml re-pointed at the session's tiny model and data, with section overrides merged in."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    config["model"].update(name_or_path=str(tiny_llava_dir), build_tiny_if_missing=False)
-    config["data"].update(path=str(data_path), generate_synthetic_if_missing=0)
+    config["model"].update(name_or_path=str(tiny_llava_dir))
+    config["data"].update(path=str(data_path))
     config["output"].update(dir=str(output_dir), report_to="none")
     config["deepspeed"]["config"] = str(REPO / "configs" / "deepspeed" / "zero2.json")
     for name, values in sections.items():

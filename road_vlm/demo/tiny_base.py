@@ -201,7 +201,9 @@ def pretrain_tiny_llava(
     phases = (("language model on text", text_data, False), ("vision + projector on captions", caption_data, True))
     model.train()
     for desc, data, vision in phases:
-        dataset = LazySupervisedDataset(data, **encode)
+        # Tokenised and decoded once: a few thousand tiny samples, each drawn many times.
+        lazy = LazySupervisedDataset(data, **encode)
+        dataset = [lazy[i] for i in range(len(lazy))]
         for name, param in model.named_parameters():
             param.requires_grad_(is_vision[name] == vision)
         _fit(model, dataset, collate, steps=steps, batch_size=batch_size, learning_rate=learning_rate, rng=rng,
@@ -235,7 +237,8 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def _fit(model, dataset, collate, *, steps: int, batch_size: int, learning_rate: float, rng, desc: str,
          progress: bool) -> None:
-    """AdamW with warmup + cosine over the parameters that require grad; random batches from ``dataset``."""
+    """AdamW with warmup + cosine over the parameters that require grad; random batches from ``dataset`` (a list
+    of samples)."""
     import math
 
     from tqdm.auto import tqdm
@@ -257,4 +260,4 @@ def _fit(model, dataset, collate, *, steps: int, batch_size: int, learning_rate:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from road_vlm.data import synthetic as syn
-from road_vlm.data.synthetic import (
+from road_vlm.demo import synthetic as syn
+from road_vlm.demo.synthetic import (
     COLORS,
     MC_SUFFIX,
     SHAPES,

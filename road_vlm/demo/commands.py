@@ -1,0 +1,39 @@
+"""``road-vlm demo``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from road_vlm.demo import pipeline
+
+
+def _command(args: argparse.Namespace) -> int:
+    settings = pipeline.DemoSettings(num_processes=args.num_processes, pretrain_steps=args.pretrain_steps,
+                                     num_eval=args.num_eval, train_overrides=tuple(args.overrides))
+    pipeline.run_demo(Path(args.workdir).expanduser(), settings, fresh=args.fresh, until=args.until)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``demo`` to the ``road-vlm`` command."""
+    defaults = pipeline.DemoSettings()
+    parser = subparsers.add_parser(
+        "demo", help="run the whole pipeline on a tiny model and synthetic data (CPU, about ten minutes)",
+        description=pipeline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workdir", default=str(pipeline.default_workdir()),
+                        help="where data/, base/, run/ and eval/ go (default: %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="rebuild every stage instead of reusing cached ones")
+    parser.add_argument("--until", choices=pipeline.STAGES, default="chat",
+                        help="stop after this stage (e.g. 'base': prepare the assets configs/demo.yaml trains on)")
+    parser.add_argument("--num-processes", type=int, default=defaults.num_processes,
+                        help="deepspeed processes for training (default: %(default)s)")
+    parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps,
+                        help="steps of each of the tiny base's two pretraining phases (default: %(default)s)")
+    parser.add_argument("--num-eval", type=int, default=defaults.num_eval,
+                        help="questions per benchmark (POPE: per category; default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="training config overrides, e.g. train.max_steps=100")
+    parser.set_defaults(func=_command)
