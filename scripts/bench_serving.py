@@ -7,6 +7,7 @@ second (median of --repeats timed runs after one warm-up run), and ratios agains
 
   python scripts/bench_serving.py                  # tiny LLaVA on CPU (minutes on 2 cores)
   python scripts/bench_serving.py --preset 7b      # LLaVA-1.5-7B shapes, random weights, bf16 on a GPU
+  python scripts/bench_serving.py --profile        # + where road_vlm's time above the base goes, per operator
 
 Paper target (RoAd, NeurIPS 2024): heterogeneous-batch throughput at least 2x LoRA's and within 10% of the base.
 Prompts are text-only: adapters act on the language model, and image tokens would only add the same prefill
@@ -43,7 +44,7 @@ def build_base(preset: str, device: str, dtype: torch.dtype, workdir: Path, num_
 
     if preset == "tiny":
         from road_vlm.model import load_base
-        from road_vlm.tiny import build_tiny_llava
+        from road_vlm.demo.tiny_base import build_tiny_llava
 
         model, _ = load_base(build_tiny_llava(workdir / "tiny"), device=device, dtype=dtype)
         return model
@@ -138,6 +139,52 @@ def peft_system(model: Any, kind: str, args: argparse.Namespace) -> Callable[[li
     return run
 
 
+def overhead_breakdown(systems: dict[str, Callable[[list[str], dict[str, Any]], None]], names: list[str],
+                       kwargs: dict[str, Any], device: str, top: int = 12) -> dict[str, Any]:
+    """Where road_vlm's time above the base goes: one profiled ``generate`` of each, the time per operator
+    (self time: CPU, or the accelerator's on CUDA) compared, and the rest (Python, dispatch: wall time not inside
+    any operator). The profiler slows both alike; read the differences, not the totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    per_op: dict[str, dict[str, float]] = {}
+    wall: dict[str, float] = {}
+    for name in ("base", "road_vlm_road4"):
+        systems[name](names, kwargs)  # warm
+        with profile(activities=activities) as prof:
+            wall[name] = _timed_once(lambda: systems[name](names, kwargs), device) * 1e3
+        per_op[name] = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+                        for e in prof.key_averages()}
+    hotspots = {name: _python_hotspots(lambda: systems[name](names, kwargs)) for name in ("base", "road_vlm_road4")}
+    ops = set(per_op["base"]) | set(per_op["road_vlm_road4"])
+    extra = {op: per_op["road_vlm_road4"].get(op, 0.0) - per_op["base"].get(op, 0.0) for op in ops}
+    in_ops = {name: sum(values.values()) for name, values in per_op.items()}
+    return {
+        "what": "one profiled generate() per system at the largest adapter count; ms",
+        "wall_ms": {k: round(v, 1) for k, v in wall.items()},
+        "in_operators_ms": {k: round(v, 1) for k, v in in_ops.items()},
+        "outside_operators_ms": {k: round(wall[k] - in_ops[k], 1) for k in wall} if not cuda else None,
+        "extra_wall_ms": round(wall["road_vlm_road4"] - wall["base"], 1),
+        "extra_by_operator_ms": {op: round(v, 2) for op, v in sorted(extra.items(), key=lambda kv: -abs(kv[1]))[:top]},
+        "python_self_ms_top": hotspots,
+    }
+
+
+def _python_hotspots(fn: Callable[[], Any], top: int = 10) -> dict[str, float]:
+    """cProfile's self time per Python function (ms) of one call, largest first: where the time outside
+    operators goes."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive, self s, cumulative s, ...)
+    rows = sorted(((f"{Path(file).name}:{func}", v[2] * 1e3) for (file, _, func), v in stats.items()),
+                  key=lambda kv: -kv[1])[:top]
+    return {name: round(ms, 2) for name, ms in rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "7b"], default="tiny")
@@ -154,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="7b preset: fewer decoder layers (same layer shapes), for a quick check")
     parser.add_argument("--output", default=None, help="also write the JSON report to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 for tiny on CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile road_vlm against the base once and report where the extra time goes")
     args = parser.parse_args(argv)
     tiny = args.preset == "tiny"
     if not torch.cuda.is_available():
@@ -202,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                 line = ", ".join(f"{k} {args.batch_size * args.new_tokens / statistics.median(v[str(n)]):.1f}"
                                  for k, v in timings.items())
                 print(f"  {n:>2} adapters: {line} tok/s", file=sys.stderr, flush=True)
+            breakdown = None
+            if args.profile and "road_vlm_road4" in systems:
+                n = max(args.adapters)
+                breakdown = overhead_breakdown(systems, [f"a{i % n}" for i in range(args.batch_size)], kwargs,
+                                               args.device)
         del systems, base_model
         gc.collect()
 
@@ -236,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "targets": {"vs_lora": ">= 2.0", "vs_base": ">= 0.9"},
     }
+    if breakdown is not None:
+        report["overhead_breakdown"] = breakdown
     text = json.dumps(report, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")

@@ -97,12 +97,13 @@ if [ "$DRY_RUN" = 1 ]; then
     run_stage train 180 "$PYTHON" scripts/bench_train.py --preset tiny --methods road4 --steps 1 --warmup 0 \
         --batch-size 2 --seq-len 32
     run_stage serving 180 "$PYTHON" scripts/bench_serving.py --preset tiny --adapters 1 2 --batch-size 2 \
-        --new-tokens 2 --prompt-len 8 --repeats 1 --systems road_vlm_road4
+        --new-tokens 2 --prompt-len 8 --repeats 1 --systems road_vlm_road4 --profile
 else
     run_stage cuda-tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/adapters/test_cuda.py
     run_stage adapters 120 "$PYTHON" scripts/bench_adapters.py --device cuda --dtype bfloat16 --rounds 3
     run_stage train 120 "$PYTHON" scripts/bench_train.py --preset 7b --num-layers 4 --steps 3 --warmup 1
-    run_stage serving 150 "$PYTHON" scripts/bench_serving.py --preset 7b --num-layers 4 --adapters 1 32 --repeats 2
+    run_stage serving 150 "$PYTHON" scripts/bench_serving.py --preset 7b --num-layers 4 --adapters 1 32 --repeats 2 \
+        --profile
 fi
 
 "$PYTHON" scripts/gpu_report.py --stages "$WORK/stages" --out "$OUT" --seconds $(($(date +%s) - START)) \

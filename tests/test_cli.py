@@ -9,7 +9,7 @@ import pytest
 
 from road_vlm.cli import build_parser, main
 
-SUBCOMMANDS = ("build-base", "convert-llava", "train", "eval", "score", "chat", "chat-ui", "merge", "export", "compose", "serve", "demo")
+SUBCOMMANDS = ("build-base", "convert-llava", "train", "eval", "score", "chat", "chat-ui", "merge", "export", "compose", "serve", "board", "demo")
 
 
 def test_top_level_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

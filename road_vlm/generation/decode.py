@@ -178,7 +178,8 @@ class DecodeBatch:
         new_rows = [
             _Row(request=r, adapter=r.adapter,
                  max_new=min(r.sampling.max_new_tokens, r.prompt.context_limit - r.prompt.num_tokens),
-                 text=IncrementalDetokenizer(self.tokenizer, r.on_text), cached=r.prompt.num_tokens)
+                 text=IncrementalDetokenizer(self.tokenizer, r.on_text, r.sampling.stop),
+                 cached=r.prompt.num_tokens)
             for r in requests
         ]
         self._accept(new_rows, out.logits[:, -1, :])
@@ -234,7 +235,9 @@ class DecodeBatch:
             else:
                 row.text.push(token)
                 row.last_token = token
-                if len(row.text.tokens) >= row.max_new:
+                if row.text.stopped:
+                    row.finish = "stop"
+                elif len(row.text.tokens) >= row.max_new:
                     row.finish = "length"
 
     def _drop_finished(self) -> list[Finished]:

@@ -19,15 +19,22 @@ class IncrementalDetokenizer:
     every token so far keeps earlier text fixed, so a stream never stalls on a changed prefix; ``finish`` flushes
     the rest, and the answer's text is the concatenation of its pieces, so streamed and non-streamed text are the
     same string.
+
+    ``stop`` strings end the answer before their first occurrence (``stopped`` turns True): text that could be
+    the start of a stop string is held back until it is known not to be, so a stream never shows what the final
+    answer cuts.
     """
 
-    def __init__(self, tokenizer: Any, on_text: TextCallback | None = None) -> None:
+    def __init__(self, tokenizer: Any, on_text: TextCallback | None = None, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.on_text = on_text
+        self.stop = stop
+        self.stopped = False
         self.tokens: list[int] = []
         self.pieces: list[str] = []
         self._prefix_offset = 0  # where the decoding window starts
-        self._read_offset = 0  # tokens up to here are already emitted
+        self._read_offset = 0  # tokens up to here are already decoded
+        self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
 
     @property
     def text(self) -> str:
@@ -39,6 +46,7 @@ class IncrementalDetokenizer:
 
     def finish(self) -> None:
         self._emit(final=True)
+        self._publish("", final=True)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -63,8 +71,30 @@ class IncrementalDetokenizer:
         # to, emit only what differs from the common prefix rather than repeat or drop text.
         piece = window[len(os.path.commonprefix([already, window])):]
         self._prefix_offset, self._read_offset = read, len(tokens)
+        self._publish(piece, final=final)
+
+    def _publish(self, piece: str, *, final: bool) -> None:
+        """Emit ``piece``, less what may begin a stop string (held for the next piece); cut at a stop string."""
+        if self.stopped:
+            return
+        if self.stop:
+            held = self._held + piece
+            hits = [i for i in (held.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                piece, self._held, self.stopped = held[:min(hits)], "", True
+            else:
+                keep = 0 if final else _stop_prefix_length(held, self.stop)
+                piece, self._held = held[:len(held) - keep], held[len(held) - keep:]
         if not piece:
             return
         self.pieces.append(piece)
         if self.on_text is not None:
             self.on_text(piece)
+
+
+def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of ``text`` that is the beginning of a stop string."""
+    for length in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
+        if any(s.startswith(text[-length:]) for s in stops):
+            return length
+    return 0

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from road_vlm.generation.prompts import PreparedPrompt
 
 TextCallback = Callable[[str], None]
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
 
 
 class SamplingError(ValueError):
@@ -17,11 +19,13 @@ class SamplingError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings of one request: ``temperature`` 0 means greedy decoding."""
+    """Decoding settings of one request: ``temperature`` 0 means greedy decoding; the answer ends before the first
+    occurrence of any ``stop`` string (OpenAI's ``stop``: at most 4, each at most 64 characters)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0):
@@ -30,6 +34,10 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise SamplingError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.stop, tuple) or len(self.stop) > MAX_STOP_STRINGS or not all(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise SamplingError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                                f"{MAX_STOP_CHARS} characters, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
@@ -51,7 +59,7 @@ class GenerationRequest:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS), "length" (token limit) or "cancelled"
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (token limit) or "cancelled"
     prompt_tokens: int
 
     @property

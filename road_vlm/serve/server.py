@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 # Request fields that would change the answer in ways this server does not implement: refuse, never ignore.
 _UNSUPPORTED = {
     "n": lambda v: v not in (None, 1),
-    "stop": lambda v: v not in (None, [], ""),
     "tools": lambda v: bool(v),
     "tool_choice": lambda v: v not in (None, "none"),
     "functions": lambda v: bool(v),
@@ -66,8 +65,16 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """OpenAI's ``stop`` (a string or a list of them) as a tuple; SamplingParams checks the bounds."""
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 class APIError(Exception):
@@ -100,10 +107,10 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-DISCONNECT_POLL_S = 0.25
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 
 
-def _host_name(header: str) -> str:
+def host_name(header: str) -> str:
     """The host part of a ``Host`` header (``[::1]:8000`` -> ``::1``, ``Example:80`` -> ``example``)."""
     header = header.strip().lower()
     if header.startswith("["):
@@ -111,7 +118,7 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-class _HostCheck:
+class HostCheck:
     """Serve only requests addressed to this server's own names: a page on another site can make the browser send
     requests here, and DNS rebinding lets it read the answers. A plain ASGI middleware (Starlette's
     BaseHTTPMiddleware would hide client disconnects from the endpoints, and so from cancellation)."""
@@ -122,7 +129,7 @@ class _HostCheck:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if _host_name(host) not in self.allowed:
+            if host_name(host) not in self.allowed:
                 response = APIError(421, f"Host {host!r} is not served here (--allowed-hosts)",
                                     code="host_not_allowed").response()
                 await response(scope, receive, send)
@@ -174,7 +181,7 @@ def create_app(
         max_body_bytes = images.max_bytes * 4 // 3 + (1 << 20)
     if default_max_tokens > max_tokens_cap:
         raise ValueError(f"default max_tokens {default_max_tokens} exceeds the cap {max_tokens_cap}")
-    allowed = None if allowed_hosts is None else {_host_name(h) for h in allowed_hosts}
+    allowed = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
     scheduler = BatchScheduler(
         engine, max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_s, batching=batching
     )
@@ -201,7 +208,7 @@ def create_app(
         return APIError(500, f"internal server error ({type(err).__name__})", type_="server_error").response()
 
     if allowed is not None:
-        app.add_middleware(_HostCheck, allowed=allowed)
+        app.add_middleware(HostCheck, allowed=allowed)
 
     def _check_key(request: Request) -> None:
         if api_key is None:
@@ -272,6 +279,7 @@ def create_app(
                 temperature=0.0 if req.temperature is None else float(req.temperature),
                 top_p=1.0 if req.top_p is None else float(req.top_p),
                 max_new_tokens=max_new,
+                stop=_stop_strings(req.stop),
             )
         except SamplingError as err:
             raise APIError(400, str(err)) from err

@@ -129,3 +129,39 @@ def run_server() -> Callable[..., AbstractContextManager[str]]:
             sock.close()
 
     return serve
+
+
+@pytest.fixture(scope="session")
+def board_outputs(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ``outputs/`` folder as a user has it: a real training run (4 steps, checkpoints at 2 and 4, the
+    trainer's own files) and ``road-vlm eval`` results for the base and both checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from road_vlm.demo.synthetic import generate_eval_data, generate_training_data
+    from road_vlm.eval.api import evaluate
+
+    repo = Path(__file__).resolve().parents[2]
+    root = tmp_path_factory.mktemp("board")
+    data = generate_training_data(root / "data", num_samples=40, num_pretrain=0) / "instruct.json"
+    outputs = root / "outputs"
+    config = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())
+    config["model"]["name_or_path"] = str(tiny_llava_dir)
+    config["data"]["path"] = str(data)
+    config["output"].update(dir=str(outputs / "road4-run"), report_to="none")
+    config["deepspeed"]["config"] = str(repo / "configs" / "deepspeed" / "zero2.json")
+    config["train"].update(max_steps=4, save_steps=2, per_device_batch_size=2, verify_final_adapter=False,
+                           gradient_checkpointing=False)
+    config_path = root / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(repo / "scripts" / "train.py"), "--config", str(config_path)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    eval_data = generate_eval_data(root / "eval-data", num_per_benchmark=4)
+    evaluate(model=tiny_llava_dir, adapters=[None, outputs / "road4-run"], data_root=eval_data,
+             output=outputs / "road4-eval", batch_size=4, max_new_tokens=4, progress=False)
+    return outputs

@@ -180,3 +180,57 @@ def test_a_closed_invalid_byte_group_replaces_text_the_stream_had_not_yet_sent(b
     text.finish()
     assert "".join(pieces) == text.text == tokenizer.decode(ids) == "square\ufffd\ufffd square"
     assert not any("6" in piece for piece in pieces)  # the '6' was never sent: its group turned out invalid
+
+
+def test_stop_strings_cut_the_answer_and_the_stream_never_shows_the_cut_text(base):
+    from road_vlm.generation.detokenize import IncrementalDetokenizer
+
+    _, processor, _ = base
+    tokenizer = processor.tokenizer
+    ids = tokenizer.encode("a red square and a blue circle", add_special_tokens=False)
+    full = tokenizer.decode(ids)
+    for stop, expected in (((" and",), "a red square"), (("blue", "red"), "a "), (("zebra",), full)):
+        pieces: list[str] = []
+        text = IncrementalDetokenizer(tokenizer, pieces.append, stop)
+        for token in ids:
+            text.push(token)
+            assert not any(s in "".join(pieces) for s in stop)
+            if text.stopped:
+                break
+        text.finish()
+        assert "".join(pieces) == text.text == expected, stop
+        assert text.stopped == (expected != full)
+    # Held back while it may still become a stop string, released once it cannot.
+    pieces = []
+    text = IncrementalDetokenizer(tokenizer, pieces.append, ("square and a green",))
+    prefix = len(tokenizer.encode("a red square and a", add_special_tokens=False))
+    assert ids[:prefix] == tokenizer.encode("a red square and a", add_special_tokens=False)
+    for token in ids[:prefix]:
+        text.push(token)
+    assert "".join(pieces) == "a red "  # "square and a" is held: it may still become the stop string
+    for token in ids[prefix:]:
+        text.push(token)
+    text.finish()
+    assert "".join(pieces) == full and not text.stopped
+
+
+def test_a_stop_string_ends_a_row_with_finish_reason_stop_in_a_batch(base):
+    model, processor, fmt = base
+    prompt = prepare_prompt(model, processor, fmt, [], "Describe the image briefly.")
+    free = SamplingParams(max_new_tokens=12)
+    (reference,) = generate_batch(model, processor.tokenizer, [GenerationRequest(prompt, sampling=free)])
+    stop = reference.text[len(reference.text) // 2:][:3]
+    assert stop.strip(), reference.text
+    cut = reference.text[:reference.text.find(stop)]
+    streamed: list[str] = []
+    stopped, other = generate_batch(model, processor.tokenizer, [
+        GenerationRequest(prompt, sampling=replace(free, stop=(stop,)), on_text=streamed.append),
+        GenerationRequest(prompt, sampling=free)])
+    assert stopped.text == "".join(streamed) == cut and stopped.finish_reason == "stop"
+    assert other.text == reference.text  # the row next to it is unaffected
+
+
+@pytest.mark.parametrize("stop", [("",), ("a",) * 5, ("x" * 65,), ["a"]])
+def test_bad_stop_strings_are_refused(stop):
+    with pytest.raises(SamplingError, match="stop"):
+        SamplingParams(stop=stop)

@@ -98,6 +98,18 @@ def test_streaming_sends_chunks_then_done_and_matches_the_plain_answer(engine, i
     pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
     assert sum(1 for p in pieces if p) > 1
     assert "".join(pieces) == plain["choices"][0]["message"]["content"]
+
+    # A stop string (OpenAI's `stop`) cuts both the plain and the streamed answer in the same place.
+    answer = plain["choices"][0]["message"]["content"]
+    stop = answer[len(answer) // 2:][:3]
+    with TestClient(create_app(engine), base_url=LOCAL) as client:
+        cut = client.post("/v1/chat/completions", json={**body, "stop": stop}).json()
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stop": [stop], "stream": True}) as response:
+            cut_events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    cut_chunks = [json.loads(e) for e in cut_events[:-1]]
+    assert cut["choices"][0]["message"]["content"] == answer[:answer.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in cut_chunks) == answer[:answer.find(stop)]
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == 8
 
@@ -119,6 +131,8 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_running(engine, i
         (json.dumps(_ask("road4", long_text)), 400, "context_length_exceeded"),
         (json.dumps(_ask("road4", "hi", temperature=-1)), 400, "temperature"),
         (json.dumps(_ask("road4", "hi", n=3)), 400, "unsupported_parameter"),
+        (json.dumps(_ask("road4", "hi", stop=["a", "b", "c", "d", "e"])), 400, "stop"),
+        (json.dumps(_ask("road4", "hi", stop="x" * 65)), 400, "stop"),
         (json.dumps({"model": "road4", "messages": [{"role": "assistant", "content": "x"}]}), 400, "user"),
         (json.dumps({"model": "road4", "messages": [
             {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
