@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_FILES = 2000  # summary.json + results.json files read per scan: a board over a huge tree stays responsive
-_SKIP_DIRS = {".git", ".data-cache", "runs", "__pycache__", "node_modules"}
+_SKIP_DIRS = {".git", ".data-cache", "__pycache__", "node_modules"}
 
 
 @dataclass

@@ -172,25 +172,25 @@ def build_dataset(config: TrainingConfig, processor: Any, model: Any, dist: Dist
 
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"
-    encode_kwargs = dict(
+    index_kwargs = dict(
         tokenizer=tokenizer, num_image_tokens=num_image_tokens(processor), image_token_id=model.config.image_token_id,
         max_length=config.data.max_length, image_folder=config.data.image_folder, on_bad_image=config.data.on_bad_image,
         template=config.data.template, allow_images_outside_folder=config.data.allow_images_outside_folder,
     )
-    tokenization = Tokenization(tokenizer, encode_kwargs["num_image_tokens"], encode_kwargs["image_token_id"],
+    tokenization = Tokenization(tokenizer, index_kwargs["num_image_tokens"], index_kwargs["image_token_id"],
                                 config.data.max_length, config.data.template)
     wrap_kwargs = dict(data_path=config.data.path, image_processor=processor.image_processor,
                        image_folder=config.data.image_folder, image_aspect_ratio=config.data.image_aspect_ratio,
                        on_bad_image=config.data.on_bad_image)
     if dist.world_size == 1:
-        shard = _first_error(dist, index_shard, config.data.path, **encode_kwargs)
+        shard = _first_error(dist, index_shard, config.data.path, **index_kwargs)
         samples, stats = _first_error(dist, merge_shards, [shard], config.data.path)
         return LazySupervisedDataset.from_samples(samples, stats, tokenization, **wrap_kwargs)
     cache = Path(config.output.dir) / DATA_CACHE
 
     def _index_and_write() -> None:  # the in-memory shard is dropped once written: ranks read all shards mmapped
         shard, shard_stats = index_shard(config.data.path, shard_index=dist.rank, num_shards=dist.world_size,
-                                         **encode_kwargs)
+                                         **index_kwargs)
         shard.save_to_disk(str(cache / f"shard-{dist.rank}"))
         (cache / f"shard-{dist.rank}.json").write_text(json.dumps(asdict(shard_stats)))
 

@@ -26,6 +26,8 @@ LOCAL = "http://127.0.0.1"  # the Host the server accepts (it refuses others: DN
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver element reference key
+# A 1x1 PNG, for the drop and paste events.
+_TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
 
 
 def test_page_assets_and_demo_image_are_served_from_this_origin_only(engine):
@@ -270,6 +272,18 @@ def test_side_by_side_answers_equal_solo_api_calls_and_controls_shape_the_reques
     browser.click("#send")
     error = browser.wait_for("return document.querySelector('.column-error').textContent", "the inline error")
     assert "max_tokens 100000 exceeds the server's limit" in error
+
+    # An image dropped on the page or pasted into it becomes the image (and starts new conversations).
+    for event in ("drop", "paste"):
+        browser.js("document.getElementById('preview').src = ''")
+        browser.js(
+            "const bytes = Uint8Array.from(atob('" + _TINY_PNG + "'), c => c.charCodeAt(0));"
+            "const data = new DataTransfer(); data.items.add(new File([bytes], 'x.png', {type: 'image/png'}));"
+            + ("document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, "
+               "bubbles: true, cancelable: true}));" if event == "drop" else
+               "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true}));"))
+        browser.wait_for("return document.getElementById('preview').src.startsWith('data:image/png')", event)
+        assert browser.js("return document.querySelectorAll('.msg').length") == 0
 
     # Clear empties every column; keyboard only: focus the question, type, Enter submits.
     browser.click("#reset")
