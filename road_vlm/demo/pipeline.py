@@ -11,7 +11,7 @@
 
 Each stage is timed and cached under the work directory with the settings it was built with: a second run reuses
 what the first built, a stage whose settings changed is rebuilt together with every stage after it, and
-``--fresh`` rebuilds everything.
+``--fresh`` rebuilds everything. The chat question is asked again on every run (it takes a second).
 """
 
 from __future__ import annotations

@@ -63,6 +63,11 @@ SHAPE_RIDDLES: dict[str, str] = {
     "diamond": "Which shape looks like a square turned on its corner?",
     "cross": "Which shape is made of two crossing bars?",
 }
+# The instruction mix (family -> share of instruct.json) and the benchmark formats of the text-only scene
+# questions the tiny base is pretrained on.
+INSTRUCT_FAMILIES: dict[str, float] = {"gqa": 0.3, "pope": 0.22, "sqa_img": 0.16, "sqa_text": 0.07, "textvqa": 0.17,
+                                       "text": 0.08}
+SCENE_FAMILIES: tuple[str, ...] = ("gqa", "pope", "sqa")
 TEXT_ONLY_QA: tuple[tuple[str, str], ...] = tuple(
     [(f"Is {c} a color or a shape?", "a color") for c in COLORS]
     + [(f"Is a {s} a color or a shape?", "a shape") for s in SHAPES]
@@ -312,7 +317,7 @@ def scene_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
     if spec.word is not None:
         q, a = textvqa_question(spec, rng)
         return f"{scene}\n{q}\n{SHORT_ANSWER_SUFFIX}", a
-    family = rng.choice(("gqa", "pope", "sqa"))
+    family = rng.choice(SCENE_FAMILIES)
     if family == "gqa":
         q, a = gqa_question(spec, rng)
         return f"{scene}\n{q}\n{SHORT_ANSWER_SUFFIX}", a
@@ -443,8 +448,7 @@ def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int 
         specs[rel] = _spec_record(spec)
         return rel
 
-    families = ["gqa", "pope", "sqa_img", "sqa_text", "textvqa", "text"]
-    weights = [0.3, 0.22, 0.16, 0.07, 0.17, 0.08]
+    families, weights = list(INSTRUCT_FAMILIES), list(INSTRUCT_FAMILIES.values())
     for i in range(num_samples):
         family = rng.choices(families, weights=weights)[0]
         sid = f"train-{i:06d}"
