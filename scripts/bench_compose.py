@@ -100,7 +100,7 @@ def train(base: Path, data: Path, image_folder: Path, out: Path, *, variant: str
     from road_vlm.train.commands import launcher_command
 
     if (out / "summary.json").is_file():
-        return Path(json.loads((out / "summary.json").read_text())["final_checkpoint"])
+        return _final_checkpoint(out)
     overrides = [f"model.name_or_path={base}", f"data.path={data}", f"data.image_folder={image_folder}",
                  f"output.dir={out}", f"adapter.variant={variant}", "adapter.train_projector=false",
                  f"adapter.pair_subset={subset if subset else 'null'}", f"train.max_steps={steps}",
@@ -118,7 +118,12 @@ def train(base: Path, data: Path, image_folder: Path, out: Path, *, variant: str
         code = subprocess.call(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
     if code != 0:
         raise RuntimeError(f"training {out.name} failed (exit {code}); see {log}")
-    return Path(json.loads((out / "summary.json").read_text())["final_checkpoint"])
+    return _final_checkpoint(out)
+
+
+def _final_checkpoint(run: Path) -> Path:
+    """The final checkpoint a finished training run names in its summary.json."""
+    return Path(json.loads((run / "summary.json").read_text())["final_checkpoint"])
 
 
 def lora_sum(base: Path, adapters: list[Path], out: Path) -> Path:

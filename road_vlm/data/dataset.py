@@ -13,7 +13,8 @@ Tokenising and image *decoding* happen in ``__getitem__`` (in DataLoader workers
 front took 7.7 minutes and 6.5 GB per rank on 2 CPU ranks, indexing them takes 1.6 minutes and 2 GB. Text beyond
 ``max_length`` is truncated as LLaVA does and the item says so (``truncated``, counted by the trainer); a sample
 left with no answer token after truncation, or whose image cannot be read with ``on_bad_image="skip"``, keeps its
-shape but supervises nothing (``skipped``, counted), so every rank still sees the same number of samples. An unreadable image is otherwise an error naming the sample.
+shape but supervises nothing (``skipped``, counted), so every rank still sees the same number of samples. An
+unreadable image is otherwise an error naming the sample.
 """
 
 from __future__ import annotations
