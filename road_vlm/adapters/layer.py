@@ -29,7 +29,7 @@ from .config import AdapterConfig, variant_has_lora, variant_has_road
 from .pairs import masked, param_mask
 from .rotation import (
     apply_rotation,
-    apply_rotation_fast,
+    apply_rotation_exact_,
     apply_rotation_fused_,
     identity_coefficients,
     invert_coefficients,
@@ -74,7 +74,8 @@ class _MixedTables:
     rotations: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (group_size, ids_for_bucket, c1, s2)
     lora_a: Optional[torch.Tensor]  # [N+1, r_max, d_in]
     lora_b: Optional[torch.Tensor]  # [N+1, d_out, r_max], LoRA scale folded in
-    by_batch: dict[int, tuple]  # per batch size (k * len(names) for num_return_sequences / beams): gathered rows
+    # per activation (batch, ndim, dtype); batch is k * len(names) for num_return_sequences / beams: gathered rows
+    by_shape: dict[tuple, tuple]
 
 
 class AdaptedLinear(nn.Module):
@@ -94,7 +95,7 @@ class AdaptedLinear(nn.Module):
         self.specs: dict[str, LayerAdapterSpec] = {}
         self.active_adapter: Optional[str] = None
         self.merged: Optional[_MergedState] = None
-        self._coeff_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._coeff_cache: dict[str, tuple[tuple, dict]] = {}  # name -> (version key, {dtype or None: (c1, s2)})
         # Adapters restricted to a pair subset: bool mask over their road_theta/road_alpha entries (CPU; moved to
         # the parameters' device when applied). Plain attribute, so it never enters a state dict.
         self.pair_masks: dict[str, torch.Tensor] = {}
@@ -180,22 +181,28 @@ class AdaptedLinear(nn.Module):
             mask = self.pair_masks[name] = mask.to(theta.device)  # once, not a copy per forward
         return masked(theta, alpha, mask)
 
-    def coefficients(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``(c1, s2)`` of adapter ``name``; cached while no gradient is being recorded."""
+    def coefficients(self, name: str, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c1, s2)`` of adapter ``name``, computed in the parameters' precision (fp32) and cast to ``dtype`` when
+        given; cached (each cast too) while no gradient is being recorded."""
         spec = self.specs[name]
         theta, alpha = self.road_theta[name], self.road_alpha[name]
         if torch.is_grad_enabled() and (theta.requires_grad or alpha.requires_grad):
-            return road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
+            c1, s2 = road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
+            return (c1, s2) if dtype is None else (c1.to(dtype), s2.to(dtype))
         # _version changes on every in-place update (optimizer steps, load_state_dict, copy_ under no_grad);
         # data_ptr catches a swapped storage. Direct `.data` edits bypass both: call invalidate_cache() then.
         key = (theta._version, alpha._version, theta.data_ptr(), alpha.data_ptr(), theta.device)
         hit = self._coeff_cache.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1], hit[2]
-        with torch.no_grad():
-            c1, s2 = road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
-        self._coeff_cache[name] = (key, c1, s2)
-        return c1, s2
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                c1, s2 = road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
+            hit = self._coeff_cache[name] = (key, {None: (c1, s2)})
+        casts = hit[1]
+        pair = casts.get(dtype)
+        if pair is None:  # a bf16 model's decode step would otherwise pay two cast kernels per layer
+            c1, s2 = casts[None]
+            pair = casts[dtype] = (c1.to(dtype), s2.to(dtype))
+        return pair
 
     def invalidate_cache(self) -> None:
         """Forget cached coefficient tables (needed only after editing parameters through ``.data``)."""
@@ -223,12 +230,12 @@ class AdaptedLinear(nn.Module):
         if spec.lora_r:
             y = y + self._lora_delta(name, x)
         if variant_has_road(spec.variant):
-            c1, s2 = self.coefficients(name)
-            c1, s2 = c1.to(y.dtype), s2.to(y.dtype)
+            c1, s2 = self.coefficients(name, y.dtype)
             if torch.is_grad_enabled() and (y.requires_grad or c1.requires_grad):
                 y = apply_rotation(y, c1, s2, spec.group_size)
             else:
-                y = apply_rotation_fast(y, c1, s2, spec.group_size)
+                # y is this layer's own fresh output (base matmul / LoRA sum), so rotating it in place is safe.
+                y = apply_rotation_exact_(y, c1, s2, spec.group_size)
         return y
 
     # -- mixed batches
@@ -279,7 +286,7 @@ class AdaptedLinear(nn.Module):
             for n in lora_names:
                 lora_a[row_of[n]] = self._padded_a(n, r_max, dtype)
                 lora_b[row_of[n]] = self._padded_b(n, r_max, dtype)
-        self._mixed = _MixedTables(ids=ids, rotations=rotations, lora_a=lora_a, lora_b=lora_b, by_batch={})
+        self._mixed = _MixedTables(ids=ids, rotations=rotations, lora_a=lora_a, lora_b=lora_b, by_shape={})
 
     def _padded_a(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
         a = self.lora_A[name].to(dtype)
@@ -293,11 +300,10 @@ class AdaptedLinear(nn.Module):
         """Leave mixed-batch mode."""
         self._mixed = None
 
-    def _batch_ids(self, batch: int) -> tuple:
+    def _rows_for(self, batch: int, ndim: int, dtype: torch.dtype) -> tuple:
+        """``(ids, [(group_size, c1, s2), ...])`` for a [batch, ..., d_out] activation of ``ndim`` dims and
+        ``dtype``: each row's coefficients gathered, cast and shaped to broadcast against it, once per block."""
         mixed = self._mixed
-        hit = mixed.by_batch.get(batch)
-        if hit is not None:
-            return hit
         n = mixed.ids.shape[0]
         if batch == n:
             ids = mixed.ids
@@ -309,37 +315,37 @@ class AdaptedLinear(nn.Module):
                 f"{self.module_name}: per_sample_adapters got {n} adapter names but the layer sees a batch of "
                 f"{batch} rows (not a multiple of {n}); pass one name per batch row"
             )
-        # Names are fixed for the whole block, so each row's coefficients are gathered once per batch size and
-        # every decode step is a single fused pass. Memory: 2 x batch x d_out per layer in the activation dtype
-        # (for LLaVA-7B, batch 32, bf16: ~170 MB in all, next to gigabytes of KV cache).
+        # Names are fixed for the whole block, so each row's coefficients are gathered once per activation shape
+        # and every decode step is a single fused pass with nothing to look up, cast or reshape: at small widths
+        # those per-call steps cost more than the rotation itself. Memory: 2 x batch x d_out per layer in the
+        # activation dtype (for LLaVA-7B, batch 32, bf16: ~170 MB in all, next to gigabytes of KV cache).
+        view = (batch,) + (1,) * (ndim - 2) + (self.out_features,)
         rotations = [
-            (gs, c1_t.index_select(0, remap[ids]), s2_t.index_select(0, remap[ids]))
+            (gs, c1_t.index_select(0, remap[ids]).to(dtype).reshape(view),
+             s2_t.index_select(0, remap[ids]).to(dtype).reshape(view))
             for gs, remap, c1_t, s2_t in mixed.rotations
         ]
-        entry = (ids, rotations)
-        mixed.by_batch[batch] = entry
-        return entry
+        return ids, rotations
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         mixed = self._mixed
-        batch = y.shape[0]
-        ids, rotations = self._batch_ids(batch)
+        key = (y.shape[0], y.dim(), y.dtype)
+        entry = mixed.by_shape.get(key)
+        if entry is None:
+            entry = mixed.by_shape[key] = self._rows_for(*key)
+        ids, rotations = entry
         if mixed.lora_a is not None:
             # LoRA stacks are gathered per call (not cached): [batch, r, d_in] per layer would cost far more memory.
+            batch = y.shape[0]
             x3 = x.reshape(batch, -1, x.shape[-1])
             a = mixed.lora_a.index_select(0, ids).to(x.dtype)  # [B, r, d_in]
             b = mixed.lora_b.index_select(0, ids).to(x.dtype)  # [B, d_out, r]
             delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
             y = y + delta.reshape(y.shape)
-        view = (batch,) + (1,) * (y.dim() - 2) + (y.shape[-1],)
-        for gs, c1_rows, s2_rows in rotations:
-            c1 = c1_rows.to(y.dtype).reshape(view)
-            s2 = s2_rows.to(y.dtype).reshape(view)
-            if y.requires_grad and torch.is_grad_enabled():
-                y = apply_rotation(y, c1, s2, gs)
-            else:
-                # y is this layer's own fresh output (base matmul / LoRA sum), so rotating it in place is safe.
-                y = apply_rotation_fused_(y, c1, s2, gs)
+        # y is this layer's own fresh output (base matmul / LoRA sum), so rotating it in place is safe.
+        rotate = apply_rotation if y.requires_grad and torch.is_grad_enabled() else apply_rotation_fused_
+        for gs, c1, s2 in rotations:
+            y = rotate(y, c1, s2, gs)
         return y
 
     # -- merge / unmerge

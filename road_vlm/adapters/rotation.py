@@ -84,65 +84,58 @@ def apply_rotation(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_si
 _CPU_BLOCK_BYTES = 4 << 20
 
 
-def _rotate_into(out: torch.Tensor, y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
-    yv, c1v, s2v, ov = (_grouped(t, group_size) for t in (y, c1, s2, out))
-    torch.mul(yv, c1v, out=ov)
-    ov[..., 0, :] += yv[..., 1, :] * s2v[..., 0, :]
-    ov[..., 1, :] += yv[..., 0, :] * s2v[..., 1, :]
+def _swapped(y: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A contiguous copy of ``swap_halves(y)``: ``roll`` by one over the pair dim is the swap. One contiguous copy
+    kernel, where swapping through strided half views is several: at group size 8 (half-runs of 4 elements) those
+    cost 4x the roll on the CPU, and every kernel saved counts on a decode step."""
+    return y.reshape(-1, 2, group_size // 2).roll(1, 1).view_as(y)
 
 
-def _rotate_in_place_fused(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
-    yv, c1v, s2v = (_grouped(t, group_size) for t in (y, c1, s2))
-    first, second = yv[..., 0, :], yv[..., 1, :]
-    first_old = first.clone()
-    first.mul_(c1v[..., 0, :]).addcmul_(second, s2v[..., 0, :])
-    second.mul_(c1v[..., 1, :]).addcmul_(first_old, s2v[..., 1, :])
+def _rotate_exact_in_place(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
+    swapped = _swapped(y, group_size)  # taken before y changes
+    y.mul_(c1).add_(swapped.mul_(s2))  # both products rounded before the sum, as in apply_rotation
 
 
-def _blocked(inner, y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Run ``inner`` into a fresh output; on the CPU, large [batch, tokens, d] activations (prefill) go in
-    blocks of about 4 MiB so the passes run out of cache (~1.3x faster in an interleaved A/B at 16 x 256 x 4096
-    and 16 x 64 x 11008 fp32 on the 2-core dev machine). Blocks are slices of rows: the work does not depend on
-    how many adapters the batch mixes."""
-    out = torch.empty(torch.broadcast_shapes(y.shape, c1.shape), dtype=y.dtype, device=y.device)
+def _rotate_fused_in_place(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
+    swapped = _swapped(y, group_size)  # taken before y changes
+    y.mul_(c1).addcmul_(swapped, s2)
+
+
+def _in_row_blocks(rotate, y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
+    """``rotate(y, c1, s2, group_size)`` over the whole tensor; on the CPU, large [batch, tokens, d] activations
+    (prefill) go in blocks of about 4 MiB so the three passes run out of cache (~1.3x faster in an interleaved A/B at
+    16 x 256 x 4096 and 16 x 64 x 11008 fp32 on the 2-core dev machine). Blocks are slices of rows: the work does
+    not depend on how many adapters the batch mixes."""
     if y.dim() != 3 or y.device.type != "cpu" or y.numel() * y.element_size() <= 2 * _CPU_BLOCK_BYTES:
-        inner(out, y, c1, s2, group_size)
-        return out
+        rotate(y, c1, s2, group_size)
+        return
     c1e, s2e = c1.expand(y.shape), s2.expand(y.shape)
     rows = max(1, _CPU_BLOCK_BYTES // (y.shape[-1] * y.element_size()))
     for b in range(y.shape[0]):
         for r0 in range(0, y.shape[1], rows):
             blk = (b, slice(r0, r0 + rows))
-            inner(out[blk], y[blk], c1e[blk], s2e[blk], group_size)
-    return out
+            rotate(y[blk], c1e[blk], s2e[blk], group_size)
 
 
-def apply_rotation_fast(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Bit-for-bit the result of :func:`apply_rotation` without materialising the swapped copy of y.
+def apply_rotation_exact_(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
+    """In-place ``y <- R y``, bit for bit the result of :func:`apply_rotation`, in four kernels.
 
     Products are rounded before the sum exactly as in ``y * c1 + rotate_half(y) * c2`` (no fused multiply-add),
-    so single-adapter outputs match PEFT's RoAd exactly (files interoperate with identical logits). In-place
-    writes into the fresh output make it unsuitable for autograd: used only when no gradient is needed.
+    so single-adapter outputs match PEFT's RoAd exactly (files interoperate with identical logits). ``y`` must be
+    a tensor the caller owns (the layer's fresh output) with c1/s2 broadcasting to its shape. No autograd.
     """
-    return _blocked(_rotate_into, y, c1, s2, group_size)
+    _in_row_blocks(_rotate_exact_in_place, y, c1, s2, group_size)
+    return y
 
 
 def apply_rotation_fused_(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
-    """In-place ``y <- R y`` with fused multiply-adds (results may differ from the exact form in the last bit).
+    """In-place ``y <- R y`` with a fused multiply-add (results may differ from the exact form in the last bit).
 
-    The serving hot path (mixed-adapter batches): no output allocation (a fresh multi-MB buffer per layer costs
-    page faults on the CPU), one temporary half block, and on the CPU 4 MiB row blocks so the passes stay in
-    cache. ``y`` must be a tensor the caller owns (the layer's fresh output). No autograd.
+    The serving hot path (mixed-adapter batches): three kernels (swapped copy, multiply, multiply-add), no output
+    allocation (a fresh multi-MB buffer per layer costs page faults on the CPU), and on the CPU 4 MiB row blocks
+    for large activations. ``y`` must be a tensor the caller owns (the layer's fresh output). No autograd.
     """
-    if y.dim() != 3 or y.device.type != "cpu" or y.numel() * y.element_size() <= 2 * _CPU_BLOCK_BYTES:
-        _rotate_in_place_fused(y, c1.expand(y.shape), s2.expand(y.shape), group_size)
-        return y
-    c1e, s2e = c1.expand(y.shape), s2.expand(y.shape)
-    rows = max(1, _CPU_BLOCK_BYTES // (y.shape[-1] * y.element_size()))
-    for b in range(y.shape[0]):
-        for r0 in range(0, y.shape[1], rows):
-            blk = (b, slice(r0, r0 + rows))
-            _rotate_in_place_fused(y[blk], c1e[blk], s2e[blk], group_size)
+    _in_row_blocks(_rotate_fused_in_place, y, c1, s2, group_size)
     return y
 
 
