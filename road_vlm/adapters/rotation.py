@@ -72,8 +72,12 @@ def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def swap_halves(y: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Swap the two halves of every group of the last dim: [x1, x2] -> [x2, x1]."""
-    return _grouped(y, group_size).flip(-2).reshape(y.shape)
+    """Swap the two halves of every group of the last dim: [x1, x2] -> [x2, x1], as a contiguous copy.
+
+    ``roll`` by one over the pair dim is the swap: one contiguous copy kernel, where swapping through strided half
+    views is several (at group size 8, half-runs of 4 elements, those cost 4x the roll on the CPU), and every
+    kernel saved counts on a decode step. Differentiable."""
+    return y.reshape(-1, 2, group_size // 2).roll(1, 1).view_as(y)
 
 
 def apply_rotation(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -84,20 +88,13 @@ def apply_rotation(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_si
 _CPU_BLOCK_BYTES = 4 << 20
 
 
-def _swapped(y: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A contiguous copy of ``swap_halves(y)``: ``roll`` by one over the pair dim is the swap. One contiguous copy
-    kernel, where swapping through strided half views is several: at group size 8 (half-runs of 4 elements) those
-    cost 4x the roll on the CPU, and every kernel saved counts on a decode step."""
-    return y.reshape(-1, 2, group_size // 2).roll(1, 1).view_as(y)
-
-
 def _rotate_exact_in_place(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
-    swapped = _swapped(y, group_size)  # taken before y changes
+    swapped = swap_halves(y, group_size)  # taken before y changes
     y.mul_(c1).add_(swapped.mul_(s2))  # both products rounded before the sum, as in apply_rotation
 
 
 def _rotate_fused_in_place(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
-    swapped = _swapped(y, group_size)  # taken before y changes
+    swapped = swap_halves(y, group_size)  # taken before y changes
     y.mul_(c1).addcmul_(swapped, s2)
 
 
