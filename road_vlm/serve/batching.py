@@ -424,7 +424,10 @@ class BatchScheduler:
 
     ``batching="continuous"`` (default): between any two decode steps, waiting requests join the running batch
     (up to ``max_batch_size`` rows), and each row leaves as soon as it ends, so a short answer never waits for a
-    long one. ``"static"``: a batch runs until its last row ends before the next one starts (kept for
+    long one. Newcomers are prefilled in their own forward, at most ``max_prefill_tokens`` (rows x longest prompt,
+    the padded size of that forward) between two decode steps, so a burst of long prompts delays the running rows by
+    one bounded prefill per step rather than by all of them at once; the rest join at the following steps, in
+    arrival order (a single prompt longer than the budget joins alone). ``"static"``: a batch runs until its last row ends before the next one starts (kept for
     comparison; see scripts/bench_server.py). When the batch is empty, the worker waits for a first request and
     then up to ``batch_window_s`` for more, so requests that arrive together start together.
     """
@@ -437,9 +440,12 @@ class BatchScheduler:
         max_queue: int = 64,
         batch_window_s: float = 0.02,
         batching: str = "continuous",
+        max_prefill_tokens: int = 4096,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if batch_window_s < 0:
@@ -451,6 +457,7 @@ class BatchScheduler:
         self.max_queue = max_queue
         self.batch_window_s = batch_window_s
         self.batching = batching
+        self.max_prefill_tokens = max_prefill_tokens
         self._queue: queue.Queue[_Ticket | None] = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()
@@ -533,22 +540,36 @@ class BatchScheduler:
             batch.append(ticket)
         return batch
 
+    def _take_admissible(self, held: deque[_Ticket]) -> list[_Ticket]:
+        """The requests at the front of ``held`` to prefill now (cancelled ones are answered on the way): under
+        continuous batching as many as fit ``max_prefill_tokens`` padded tokens, at least one; static: all."""
+        live: list[_Ticket] = []
+        longest = 0
+        while held:
+            ticket = held[0]
+            if ticket.request.cancelled.is_set():  # the client left while waiting
+                self._finish(held.popleft(), error=concurrent.futures.CancelledError())
+                continue
+            tokens = ticket.request.prompt.num_tokens
+            if (live and self.batching == "continuous"
+                    and (len(live) + 1) * max(longest, tokens) > self.max_prefill_tokens):
+                break
+            live.append(held.popleft())
+            longest = max(longest, tokens)
+        return live
+
     def _loop(self) -> None:
         batch = self.engine.open_batch()
+        held: deque[_Ticket] = deque()  # taken off the queue, not admitted yet (over this step's prefill budget)
         try:
             while True:
-                if self._stopping.is_set() and not self._running:
+                if self._stopping.is_set() and not self._running and not held:
                     break
-                joining: list[_Ticket] = []
                 may_join = self.batching == "continuous" or not self._running
                 if may_join and not self._stopping.is_set():
-                    joining = self._collect(self.max_batch_size - len(self._running), wait=not self._running)
-                live = []
-                for ticket in joining:
-                    if ticket.request.cancelled.is_set():  # the client left while waiting
-                        self._finish(ticket, error=concurrent.futures.CancelledError())
-                    else:
-                        live.append(ticket)
+                    room = self.max_batch_size - len(self._running) - len(held)
+                    held.extend(self._collect(room, wait=not self._running and not held))
+                live = self._take_admissible(held) if may_join else []
                 try:
                     finished: list[Finished] = []
                     if live:
@@ -568,6 +589,6 @@ class BatchScheduler:
                     self._finish(self._running.pop(id(request)), result=result)
         finally:
             batch.close()
-            for ticket in self._running.values():
+            for ticket in [*self._running.values(), *held]:
                 self._finish(ticket, error=RuntimeError("the server is shutting down"))
             self._running.clear()

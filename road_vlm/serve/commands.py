@@ -57,6 +57,9 @@ def _add_server(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                         help="continuous: requests join the running batch between decode steps and leave when done "
                              "(default); static: a batch runs to its longest answer before the next one starts")
+    parser.add_argument("--max-prefill-tokens", type=_int_in(1), default=4096,
+                        help="continuous batching: newcomers' prompt tokens (rows x longest prompt) prefilled "
+                             "between two decode steps; more wait for the next step (default: %(default)s)")
     parser.add_argument("--max-queue", type=_int_in(1), default=64, help="waiting+running requests before 429")
     parser.add_argument("--batch-window-ms", type=float, default=20.0,
                         help="when idle, how long the batcher waits for more requests after the first one")
@@ -242,6 +245,7 @@ def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
         max_queue=args.max_queue,
         batch_window_s=args.batch_window_ms / 1000.0,
         batching=args.batching,
+        max_prefill_tokens=args.max_prefill_tokens,
         default_max_tokens=args.max_tokens,
         max_tokens_cap=args.max_tokens_cap,
         images=images,

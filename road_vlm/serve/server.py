@@ -160,6 +160,7 @@ def create_app(
     max_queue: int = 64,
     batch_window_s: float = 0.02,
     batching: str = "continuous",
+    max_prefill_tokens: int = 4096,
     default_max_tokens: int = 256,
     max_tokens_cap: int = 2048,
     images: ImagePolicy | None = None,
@@ -170,7 +171,8 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the batch scheduler (``app.state.scheduler``).
 
-    ``batching``: "continuous" (requests join the running batch between decode steps) or "static".
+    ``batching``: "continuous" (requests join the running batch between decode steps) or "static";
+    ``max_prefill_tokens`` bounds the newcomers' prefill between two decode steps (continuous batching).
     ``images``: what an image part may be (source, bytes, pixels, formats, concurrent decodes). ``max_body_bytes``
     (default: room for one base64 image of ``images.max_bytes`` plus 1 MiB of text) bounds a request before it
     is parsed. ``max_tokens_cap`` bounds a request's ``max_tokens``. ``allowed_hosts``: the ``Host`` names
@@ -183,7 +185,8 @@ def create_app(
         raise ValueError(f"default max_tokens {default_max_tokens} exceeds the cap {max_tokens_cap}")
     allowed = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
     scheduler = BatchScheduler(
-        engine, max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_s, batching=batching
+        engine, max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_s, batching=batching,
+        max_prefill_tokens=max_prefill_tokens,
     )
 
     @asynccontextmanager
@@ -236,7 +239,8 @@ def create_app(
     async def stats(request: Request) -> dict[str, Any]:
         _check_key(request)
         return {**engine.stats.as_dict(), "pending": scheduler.pending, "max_batch_size": max_batch_size,
-                "max_queue": max_queue, "batch_window_s": batch_window_s, "batching": batching}
+                "max_queue": max_queue, "batch_window_s": batch_window_s, "batching": batching,
+                "max_prefill_tokens": max_prefill_tokens}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:

@@ -123,3 +123,39 @@ def test_continuous_batching_answers_a_short_request_before_a_long_one_ends(engi
 def test_scheduler_refuses_an_unknown_batching_policy(engine):
     with pytest.raises(ValueError, match="batching must be one of"):
         BatchScheduler(engine, batching="dynamic")
+
+
+def test_a_burst_joins_within_the_prefill_budget_a_few_rows_per_step(engine):
+    adapters = ["road4", "lora", None, "road1proj", "road4"]
+    requests = [_request(engine, adapter, "Hi", max_new=6) for adapter in adapters]
+    tokens = requests[0].prompt.num_tokens
+    assert all(r.prompt.num_tokens == tokens for r in requests)
+    scheduler = BatchScheduler(engine, max_batch_size=8, batch_window_s=0.5, max_prefill_tokens=2 * tokens)
+    before = len(engine.stats.recent)
+    scheduler.start()
+    try:
+        futures = [scheduler.submit(r) for r in requests]  # all inside the batch window: one burst
+        results = [f.result(120) for f in futures]
+    finally:
+        scheduler.close()
+    # Two rows per prefill (the budget), in arrival order, each admission between decode steps of the others.
+    joined = [record.adapters for record in list(engine.stats.recent)[before:]]
+    assert joined == [adapters[0:2], adapters[2:4], adapters[4:5]]
+    for adapter, result in zip(adapters, results):
+        assert result.token_ids == _alone(engine, adapter, "Hi", max_new=6).token_ids, adapter
+
+
+def test_a_prompt_longer_than_the_prefill_budget_still_joins_alone(engine):
+    long = _request(engine, "road4", "Describe the image briefly. " * 3, max_new=3)
+    short = _request(engine, "lora", "Hi", max_new=3)
+    scheduler = BatchScheduler(engine, max_batch_size=4, batch_window_s=0.5, max_prefill_tokens=1)
+    before = len(engine.stats.recent)
+    scheduler.start()
+    try:
+        futures = [scheduler.submit(long), scheduler.submit(short)]
+        assert [f.result(120).completion_tokens for f in futures] == [3, 3]
+    finally:
+        scheduler.close()
+    assert [record.adapters for record in list(engine.stats.recent)[before:]] == [["road4"], ["lora"]]
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        BatchScheduler(engine, max_prefill_tokens=0)
