@@ -427,9 +427,10 @@ class BatchScheduler:
     long one. Newcomers are prefilled in their own forward, at most ``max_prefill_tokens`` (rows x longest prompt,
     the padded size of that forward) between two decode steps, so a burst of long prompts delays the running rows by
     one bounded prefill per step rather than by all of them at once; the rest join at the following steps, in
-    arrival order (a single prompt longer than the budget joins alone). ``"static"``: a batch runs until its last row ends before the next one starts (kept for
-    comparison; see scripts/bench_server.py). When the batch is empty, the worker waits for a first request and
-    then up to ``batch_window_s`` for more, so requests that arrive together start together.
+    arrival order (a single prompt longer than the budget joins alone). ``"static"``: a batch runs until its last
+    row ends before the next one starts (kept for comparison; see scripts/bench_server.py). When the batch is
+    empty, the worker waits for a first request and then up to ``batch_window_s`` for more, so requests that arrive
+    together start together.
     """
 
     def __init__(
