@@ -10,8 +10,9 @@ from road_vlm.demo import pipeline
 
 
 def _command(args: argparse.Namespace) -> int:
-    settings = pipeline.DemoSettings(num_processes=args.num_processes, pretrain_steps=args.pretrain_steps,
-                                     num_eval=args.num_eval, train_overrides=tuple(args.overrides))
+    settings = pipeline.DemoSettings(num_processes=args.num_processes, text_steps=args.text_steps,
+                                     caption_steps=args.caption_steps, num_eval=args.num_eval,
+                                     train_overrides=tuple(args.overrides))
     pipeline.run_demo(Path(args.workdir).expanduser(), settings, fresh=args.fresh, until=args.until)
     return 0
 
@@ -30,8 +31,11 @@ def register(subparsers: Any) -> None:
                         help="stop after this stage (e.g. 'base': prepare the assets configs/demo.yaml trains on)")
     parser.add_argument("--num-processes", type=int, default=defaults.num_processes,
                         help="deepspeed processes for training (default: %(default)s)")
-    parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps,
-                        help="steps of each of the tiny base's two pretraining phases (default: %(default)s)")
+    parser.add_argument("--text-steps", type=int, default=defaults.text_steps,
+                        help="steps of the tiny base's language-model pretraining on text (default: %(default)s)")
+    parser.add_argument("--caption-steps", type=int, default=defaults.caption_steps,
+                        help="steps of the tiny base's vision + projector alignment on captions "
+                             "(default: %(default)s)")
     parser.add_argument("--num-eval", type=int, default=defaults.num_eval,
                         help="questions per benchmark (POPE: per category; default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",

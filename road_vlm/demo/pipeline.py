@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from road_vlm.data.template import SYSTEM_V1
-from road_vlm.demo.report import before_after_chart, before_after_table, headline
+from road_vlm.demo.report import before_after_chart, before_after_table, headline, pope_balance
 
 STAGES = ("data", "base", "train", "eval", "chat")
 STAGES_FILE = "stages.json"  # per stage: the settings it was built with and how long it took
@@ -40,8 +40,11 @@ class DemoSettings:
     """Everything that decides what the demo builds (a stage is reused only when its part is unchanged)."""
 
     num_train: int = 4000
-    num_eval: int = 60  # questions per benchmark (POPE: per category)
-    pretrain_steps: int = 1500  # per pretraining phase of the tiny base
+    num_eval: int = 150  # questions per benchmark (POPE: per category); enough that a 15-point change is no noise
+    # The tiny base's two pretraining phases: its language model on text (yes/no questions, which compare the
+    # question with the scene, need the most steps), then vision tower + projector on captions.
+    text_steps: int = 2500
+    caption_steps: int = 1500
     num_processes: int = 2
     train_overrides: tuple[str, ...] = ()
     eval_batch_size: int = 16
@@ -53,7 +56,7 @@ class DemoSettings:
         """What each stage depends on, beyond the stages before it."""
         return {
             "data": {"num_train": self.num_train, "num_eval": self.num_eval},
-            "base": {"pretrain_steps": self.pretrain_steps, "base": self.base},
+            "base": {"text_steps": self.text_steps, "caption_steps": self.caption_steps, "base": self.base},
             "train": {"num_processes": self.num_processes, "overrides": list(self.train_overrides),
                       "config": _config_path().read_text()},
             "eval": {"batch_size": self.eval_batch_size},
@@ -116,7 +119,7 @@ def prepare_base(work: Workdir, settings: DemoSettings) -> dict[str, Any]:
     init = build_tiny_llava(work.root / "base-init", corpus=tokenizer_corpus() + [SYSTEM_V1], overwrite=True,
                             **settings.base)
     pretrain_tiny_llava(init, work.train_data / "pretrain_text.json", work.train_data / "pretrain.json", work.base,
-                        steps=settings.pretrain_steps)
+                        text_steps=settings.text_steps, caption_steps=settings.caption_steps)
     shutil.rmtree(init)
     return {"base": str(work.base)}
 
@@ -148,10 +151,12 @@ def evaluate_before_after(work: Workdir, settings: DemoSettings, checkpoint: Pat
 
     results = evaluate(model=work.base, adapters=[None, checkpoint], data_root=work.eval_data, output=work.eval,
                        batch_size=settings.eval_batch_size)
-    before, after = headline(results["rows"]["base"]), headline(results["rows"][checkpoint.name])
+    rows = results["rows"]["base"], results["rows"][checkpoint.name]
+    before, after = (headline(row) for row in rows)
     (work.eval / "before_after.md").write_text(before_after_table(before, after) + "\n")
     before_after_chart(before, after, work.eval / "before_after.png", num_questions=results["num_questions"])
     return {"base": before, "tuned": after, "num_questions": results["num_questions"],
+            "pope": dict(zip(("base", "tuned"), (pope_balance(row) for row in rows))),
             "chart": str(work.eval / "before_after.png"), "table": str(work.eval / "before_after.md")}
 
 
@@ -240,7 +245,8 @@ def _summary_parts(results: dict[str, Any]) -> dict[str, Any]:
         parts["loss_curve"] = results["train"]["loss_curve"]
     if "eval" in results:
         parts.update(base=results["eval"]["base"], tuned=results["eval"]["tuned"],
-                     num_questions=results["eval"]["num_questions"], chart=results["eval"]["chart"])
+                     num_questions=results["eval"]["num_questions"], pope=results["eval"]["pope"],
+                     chart=results["eval"]["chart"])
     if "chat" in results:
         parts["chat"] = results["chat"]
     return parts
@@ -251,6 +257,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if "base" in summary:
         print(before_after_table(summary["base"], summary["tuned"]))
         print(f"   questions per benchmark: {summary['num_questions']}")
+        print("   POPE accuracy / yes-ratio (mean of its 3 categories): " + ", ".join(
+            f"{who} {m['accuracy']:.1f} / {m['yes_ratio']:.1f} %" for who, m in summary["pope"].items()))
     if "chat" in summary:
         chat = summary["chat"]
         print(f"   chat: {chat['question']!r} -> {chat['answer']!r} (the image: {chat['image_content']})")

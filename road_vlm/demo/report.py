@@ -14,6 +14,13 @@ def headline(row: dict[str, Any]) -> dict[str, float]:
     return {label: headline_metric(bench, row[bench]) for bench, (label, _) in HEADLINE.items() if bench in row}
 
 
+def pope_balance(row: dict[str, Any]) -> dict[str, float]:
+    """POPE accuracy and yes-ratio, averaged over its three categories: F1 alone rewards answering "yes" to
+    everything (66.7), so these two show whether a model looks at the image."""
+    categories = [metrics for metrics in row["pope"].values() if isinstance(metrics, dict)]
+    return {key: round(sum(m[key] for m in categories) / len(categories), 1) for key in ("accuracy", "yes_ratio")}
+
+
 def before_after_table(base: dict[str, float], tuned: dict[str, float]) -> str:
     lines = ["| benchmark | base (untuned) | RoAd4 tuned | change |", "|---|---:|---:|---:|"]
     for label in base:

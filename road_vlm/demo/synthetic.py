@@ -1,7 +1,7 @@
 """Deterministic synthetic data: shape images, instruction data and the four eval layouts.
 
 Everything here is seeded and uses a deliberately tiny vocabulary so that a tiny LLaVA
-(16 image tokens of a 32x32 resize, a BPE tokenizer trained on `tokenizer_corpus()`) can
+(36 image tokens of the demo's 48x48 resize, a BPE tokenizer trained on `tokenizer_corpus()`) can
 learn the tasks in minutes on a CPU. The eval files are written in exactly the layout of
 LLaVA-1.5's ``playground/data/eval`` so the real benchmark loaders read them unchanged.
 """
@@ -30,6 +30,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
+# ScienceQA-style colour questions list one of these option sets, always in this order.
+COLOR_OPTION_SETS: tuple[tuple[str, ...], ...] = (("red", "green", "blue"), ("yellow", "purple", "orange"))
 # A non-uniform prior makes POPE's "popular" negatives (most frequent objects) differ from
 # "random" ones, as they do on COCO.
 SHAPE_WEIGHTS: tuple[float, ...] = (0.3, 0.25, 0.2, 0.15, 0.1)
@@ -64,10 +66,11 @@ SHAPE_RIDDLES: dict[str, str] = {
     "cross": "Which shape is made of two crossing bars?",
 }
 # The instruction mix (family -> share of instruct.json) and the benchmark formats of the text-only scene
-# questions the tiny base is pretrained on.
-INSTRUCT_FAMILIES: dict[str, float] = {"gqa": 0.3, "pope": 0.22, "sqa_img": 0.16, "sqa_text": 0.07, "textvqa": 0.17,
-                                       "text": 0.08}
-SCENE_FAMILIES: tuple[str, ...] = ("gqa", "pope", "sqa")
+# questions the tiny base is pretrained on. ScienceQA's multiple-choice format is left to the instruction data, as
+# a real stage-1 LLaVA has not met "Answer with the option's letter" either.
+INSTRUCT_FAMILIES: dict[str, float] = {"gqa": 0.3, "pope": 0.33, "sqa_img": 0.08, "sqa_text": 0.07, "textvqa": 0.17,
+                                       "text": 0.05}
+SCENE_FAMILIES: tuple[str, ...] = ("gqa", "pope")
 TEXT_ONLY_QA: tuple[tuple[str, str], ...] = tuple(
     [(f"Is {c} a color or a shape?", "a color") for c in COLORS]
     + [(f"Is a {s} a color or a shape?", "a shape") for s in SHAPES]
@@ -144,10 +147,10 @@ def render_image(spec: ImageSpec) -> Image.Image:
         if n == 1:
             side = int(min(spec.width, spec.height) * 0.6)
             cx, cy = spec.width / 2, spec.height / 2
-        else:
-            side = int(min(spec.width / 2, spec.height) * 0.7)
-            cx = spec.width / 4 if item.position == "left" else 3 * spec.width / 4
-            cy = spec.height / 2
+        else:  # on the diagonal (top left, bottom right): about twice the area they would have side by side
+            side = int(min(spec.width, spec.height) * 0.48)
+            cx = spec.width * (0.26 if item.position == "left" else 0.74)
+            cy = spec.height * (0.27 if item.position == "left" else 0.73)
         cx += spec.jitter[0]
         cy += spec.jitter[1]
         box = (int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2))
@@ -156,7 +159,7 @@ def render_image(spec: ImageSpec) -> Image.Image:
 
 
 _SIZES_ONE = ((48, 48), (64, 40), (40, 64))
-_SIZES_TWO = ((48, 48), (64, 40))
+_SIZES_TWO = ((48, 48),)  # square: a wide image would shrink both shapes when padded to a square
 
 
 def _weighted_shape(rng: random.Random, exclude: Iterable[str] = ()) -> str:
@@ -224,8 +227,7 @@ def gqa_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
     if kind == "count":
         return "How many shapes are there?", NUMBER_WORDS[len(shapes)]
     if kind == "is_color":
-        asked = rng.choice([target.color, rng.choice([c for c in COLORS if c != target.color])])
-        return f"Is the {target.shape} {asked}?", "yes" if asked == target.color else "no"
+        return color_check_question(spec, rng)
     if kind == "what_shape":
         return "What shape is it?", target.shape
     if kind == "what_color":
@@ -234,6 +236,13 @@ def gqa_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
         return f"What shape is on the {target.position}?", target.shape
     # which_side
     return f"Is the {target.shape} on the left or on the right?", target.position
+
+
+def color_check_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
+    """GQA's yes/no colour check about one of the shapes ("Is the circle red?"), "yes" half of the time."""
+    target = rng.choice(spec.shapes)
+    asked = rng.choice([target.color, rng.choice([c for c in COLORS if c != target.color])])
+    return f"Is the {target.shape} {asked}?", "yes" if asked == target.color else "no"
 
 
 def pope_negative(spec: ImageSpec, category: str, rng: random.Random,
@@ -255,6 +264,18 @@ def pope_question(shape: str) -> str:
     return f"Is there a {shape} in the image?"
 
 
+def pope_training_question(rng: random.Random) -> tuple[ImageSpec, str, str]:
+    """A POPE-style training sample (image, asked shape, answer) in which neither the asked shape nor the number of
+    shapes tells the answer: shape drawn uniformly, yes/no by a coin, then an image with a drawn number of shapes
+    that agrees. Asking about a present shape for "yes" would make frequent shapes (which POPE's popular negatives
+    ask about) and two-shape images mean "yes"."""
+    shape, answer, num_shapes = rng.choice(SHAPES), rng.choice(("yes", "no")), rng.choice((1, 1, 2))
+    while True:
+        spec = random_shape_spec(rng, num_shapes=num_shapes)
+        if (shape in spec.shape_names()) == (answer == "yes"):
+            return spec, shape, answer
+
+
 def _options_line(choices: list[str]) -> str:
     return " ".join(f"({OPTION_LETTERS[i]}) {c}" for i, c in enumerate(choices))
 
@@ -265,21 +286,18 @@ def sqa_text(context: str, question: str, choices: list[str]) -> str:
 
 
 def sqa_image_problem(spec: ImageSpec, rng: random.Random) -> tuple[str, str, list[str], int]:
-    """(hint, question, choices, answer_index) about an image of shapes."""
+    """(hint, question, choices, answer_index): the colour of one of the image's shapes.
+
+    The options are a fixed list in a fixed order (``COLOR_OPTION_SETS``: the one holding the right colour), like
+    ScienceQA's templated questions ("Which tense does the sentence use? (A) past (B) present (C) future"). So the
+    question is answerable from colour, the property the tiny base sees reliably, and its format is the one the
+    base learned from scenes described in words. The benchmark and training data ask it about one-shape images,
+    so no other colour in the picture can be an option.
+    """
     target = rng.choice(spec.shapes)
-    n_choices = rng.choice((2, 3, 4))
-    if rng.random() < 0.5:
-        question = f"Which color is the {target.shape}?"
-        wrong = rng.sample([c for c in COLORS if c != target.color], n_choices - 1)
-        correct = target.color
-    else:
-        question = "Which shape is in the image?" if len(spec.shapes) == 1 else f"Which shape is {target.color}?"
-        wrong = rng.sample([s for s in SHAPES if s not in spec.shape_names()], min(n_choices - 1, len(SHAPES) - len(spec.shape_names())))
-        correct = target.shape
-    choices = wrong + [correct]
-    rng.shuffle(choices)
+    choices = list(next(options for options in COLOR_OPTION_SETS if target.color in options))
     hint = rng.choice(("", "Look at the picture."))
-    return hint, question, choices, choices.index(correct)
+    return hint, f"Which color is the {target.shape}?", choices, choices.index(target.color)
 
 
 def sqa_text_problem(rng: random.Random) -> tuple[str, str, list[str], int]:
@@ -308,7 +326,7 @@ def textvqa_question(spec: ImageSpec, rng: random.Random, question: str | None =
 
 
 def scene_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
-    """A text-only question in one of the four benchmark formats about ``spec`` given as a caption.
+    """A text-only question in GQA's, POPE's or TextVQA's format about ``spec`` given as a caption.
 
     The tiny base learns from these what a base LLM already knows (answer formats, reading a described
     scene); RoAd tuning then has to teach it to answer the same questions from the image instead.
@@ -321,14 +339,10 @@ def scene_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
     if family == "gqa":
         q, a = gqa_question(spec, rng)
         return f"{scene}\n{q}\n{SHORT_ANSWER_SUFFIX}", a
-    if family == "pope":
-        if rng.random() < 0.5:
-            shape, answer = rng.choice(spec.shapes).shape, "yes"
-        else:
-            shape, answer = rng.choice([s for s in SHAPES if s not in spec.shape_names()]), "no"
-        return f"{scene}\n{pope_question(shape)}\n{SHORT_ANSWER_SUFFIX}", answer
-    _, q, choices, ans = sqa_image_problem(spec, rng)
-    return f"{sqa_text(caption(spec), q, choices)}\n{MC_SUFFIX}", OPTION_LETTERS[ans]
+    # pope: any shape, present or not (the asked shape must not give the answer away)
+    shape = rng.choice(SHAPES)
+    answer = "yes" if shape in spec.shape_names() else "no"
+    return f"{scene}\n{pope_question(shape)}\n{SHORT_ANSWER_SUFFIX}", answer
 
 
 # --------------------------------------------------------------------------------------
@@ -357,21 +371,20 @@ def tokenizer_corpus() -> list[str]:
                 f"What shape is the {color} object?",
                 f"Is the {shape} {color}?",
                 f"Which color is the {shape}?",
-                f"Which shape is {color}?",
                 f"A {color} {shape} on the left and a {color} {shape} on the right.",
             ]
     for shape in SHAPES:
         lines += [pope_question(shape), f"What shape is on the left? {shape}", f"What shape is on the right? {shape}",
                   f"Is the {shape} on the left or on the right?", SHAPE_FACTS[shape], SHAPE_RIDDLES[shape]]
-    lines += ["How many shapes are there?", "What shape is it?", "What color is the shape?", "Which shape is in the image?"]
+    lines += ["How many shapes are there?", "What shape is it?", "What color is the shape?"]
     lines += ["What word is written on the sign?", "What does the sign say?", "What is written in the image?"]
     for sign in TEXT_BACKGROUNDS:
         for word in WORDS:
             lines += [f"A {sign} sign that says {word}.", f"{OCR_PREFIX}{word}"]
     for question, answer in TEXT_ONLY_QA:
         lines += [question, answer]
-    lines.append(sqa_text("Look at the picture.", "Which color is the circle?", ["red", "blue", "green", "yellow"]))
-    lines.append(sqa_text("N/A", "Which shape is purple?", ["orange", "diamond", "cross"]))
+    lines += [sqa_text("Look at the picture.", "Which color is the circle?", list(options))
+              for options in COLOR_OPTION_SETS]
     # Deduplicate while keeping a stable order (determinism for tokenizer training).
     return list(dict.fromkeys(lines))
 
@@ -424,9 +437,9 @@ def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int 
     instruct.json mixes GQA-style short answers, POPE-style yes/no, ScienceQA-style
     multiple choice (with and without image), TextVQA-style OCR questions and a few
     text-only chats, in LLaVA's instruction format. Two more files give the demo's tiny base the abilities a real
-    LLaVA base brings, in the order a real one acquires them: ``pretrain_text.json`` (text only: questions in the
-    four task formats about a scene described in words, scene descriptions, chats — the language model's
-    skills, Vicuna's stand-in) and ``pretrain.json`` (captioning, "<image>\\nDescribe the image briefly." ->
+    LLaVA base brings, in the order a real one acquires them: ``pretrain_text.json`` (text only: questions in
+    GQA's, POPE's and TextVQA's formats about a scene described in words, scene descriptions, chats — the language
+    model's skills, Vicuna's stand-in) and ``pretrain.json`` (captioning, "<image>\\nDescribe the image briefly." ->
     caption — LLaVA's stage-1 alignment of vision tower and projector). The image questions themselves appear
     only in instruct.json.
     Returns ``root``.
@@ -460,15 +473,11 @@ def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int 
                 turns += [_human(f"{q}\n{SHORT_ANSWER_SUFFIX}", t == 0), _gpt(a)]
             instruct.append({"id": sid, "image": new_image(spec), "conversations": turns})
         elif family == "pope":
-            spec = random_shape_spec(rng)
-            if rng.random() < 0.5:
-                shape, answer = rng.choice(spec.shapes).shape, "yes"
-            else:
-                shape, answer = rng.choice([s for s in SHAPES if s not in spec.shape_names()]), "no"
+            spec, shape, answer = pope_training_question(rng)
             text = f"{pope_question(shape)}\n{SHORT_ANSWER_SUFFIX}"
             instruct.append({"id": sid, "image": new_image(spec), "conversations": [_human(text, True), _gpt(answer)]})
         elif family == "sqa_img":
-            spec = random_shape_spec(rng)
+            spec = random_shape_spec(rng, num_shapes=1)
             hint, q, choices, ans = sqa_image_problem(spec, rng)
             text = f"{sqa_text(hint or 'N/A', q, choices)}\n{MC_SUFFIX}"
             instruct.append({"id": sid, "image": new_image(spec),
@@ -488,16 +497,24 @@ def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int 
 
     pretrain: list[dict[str, Any]] = []
     pretrain_text: list[dict[str, Any]] = []
-    for i in range(num_pretrain):
-        spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
+    for i in range(num_pretrain):  # signs are a third: reading a word is harder for the tiny vision than a shape
+        spec = random_word_spec(rng) if rng.random() < 0.35 else random_shape_spec(rng)
         pretrain.append({"id": f"pretrain-{i:06d}", "image": new_image(spec),
                          "conversations": [_human(CAPTION_PROMPT, True), _gpt(caption(spec))]})
-    for i in range(num_pretrain):
+    # Text is cheap (no image), so the language model gets five times as many samples. Yes/no questions ("Is there a
+    # circle?") need the most: they compare the question with the scene rather than copy from it.
+    for i in range(5 * num_pretrain):
         spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
-        if i % 4 == 0:  # describing a scene given in words: the text twin of captioning
+        if i % 8 == 0:  # describing a scene given in words: the text twin of captioning
             text, answer = f"Scene: {caption(spec)}\n{CAPTION_PROMPT}", caption(spec)
-        elif i % 4 == 1:
+        elif i % 8 == 1:
             text, answer = rng.choice(TEXT_ONLY_QA)
+        elif i % 8 in (2, 3, 4):
+            spec, shape, answer = pope_training_question(rng)
+            text = f"Scene: {caption(spec)}\n{pope_question(shape)}\n{SHORT_ANSWER_SUFFIX}"
+        elif i % 8 == 5 and spec.shapes:
+            question, answer = color_check_question(spec, rng)
+            text = f"Scene: {caption(spec)}\n{question}\n{SHORT_ANSWER_SUFFIX}"
         else:
             text, answer = scene_question(spec, rng)
         pretrain_text.append({"id": f"text-{i:06d}", "conversations": [_human(text, False), _gpt(answer)]})
@@ -553,7 +570,7 @@ def generate_eval_data(root: str | Path, *, seed: int = 1, num_per_benchmark: in
         pid = str(100000 + i)
         with_image = rng.random() < 0.7
         if with_image:
-            spec = random_shape_spec(rng)
+            spec = random_shape_spec(rng, num_shapes=1)
             hint, q, choices, ans = sqa_image_problem(spec, rng)
             save(spec, f"scienceqa/images/test/{pid}/image.png")
         else:

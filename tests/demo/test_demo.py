@@ -14,15 +14,15 @@ import pytest
 
 from road_vlm.demo.pipeline import STAGES, DemoSettings, run_demo
 
-# A smaller run than `make demo` (fewer pretraining and RoAd steps, 30 questions per benchmark) to fit CI.
-DEMO_TEST = DemoSettings(pretrain_steps=800, num_eval=30,
+# A smaller run than `make demo` (fewer pretraining and RoAd steps, 60 questions per benchmark) to fit CI.
+DEMO_TEST = DemoSettings(caption_steps=800, num_eval=60,
                          train_overrides=("train.max_steps=700", "train.save_steps=700"))
-# Points (0-100) by which the tuned model must beat the untuned base. The full demo gained +45 (GQA) and +55
-# (TextVQA) when the README was written; SQA-IMG and POPE do not improve yet (see README), so they are only
-# reported, not asserted. GQA's margin was 15: with today's package versions this reduced run (deterministic
-# under the suite's single thread) gains GQA 40.0 -> 53.3 (+13.3) and TextVQA +31.6; more RoAd steps did not
-# help (1,000: +10.0). Making every benchmark learn robustly is issue 16's job.
-MARGIN = {"GQA": 10.0, "TextVQA": 15.0}
+# Points (0-100) by which the tuned model must beat the untuned base on every benchmark. This reduced run (the
+# suite's single thread, 2026-12-06) gains GQA +43.3, SQA-IMG +51.3, TextVQA +73.3, POPE F1 +22.5; another machine's
+# numerics give another, equally seeded run, hence the slack. POPE must also stop answering blindly: its yes-ratio
+# near 50 %.
+MARGIN = 10.0
+POPE_YES_RATIO = (30.0, 70.0)
 
 
 @pytest.mark.slow
@@ -31,17 +31,19 @@ def test_demo_tuned_model_beats_the_untuned_base_and_reuses_its_stages(tmp_path:
     summary = run_demo(workdir, DEMO_TEST)
     base, tuned = summary["base"], summary["tuned"]
     assert set(base) == set(tuned) == {"GQA", "SQA-IMG", "TextVQA", "POPE"}
-    for benchmark, margin in MARGIN.items():
-        assert tuned[benchmark] >= base[benchmark] + margin, (benchmark, base[benchmark], tuned[benchmark])
+    for benchmark in base:
+        assert tuned[benchmark] >= base[benchmark] + MARGIN, (benchmark, base[benchmark], tuned[benchmark])
+    low, high = POPE_YES_RATIO
+    assert low <= summary["pope"]["tuned"]["yes_ratio"] <= high, summary["pope"]
     # The workdir layout the README promises, the chart next to the loss curve, the summary's parts.
     for sub in ("base", "data/train", "data/eval", "run", "eval"):
         assert (workdir / sub).is_dir(), sub
     assert (workdir / "eval" / "results.md").is_file()
     assert Path(summary["chart"]) == workdir / "eval" / "before_after.png" and Path(summary["chart"]).stat().st_size
     assert Path(summary["loss_curve"]).is_file()
-    assert summary["num_questions"]["gqa"] == 30
+    assert summary["num_questions"]["gqa"] == 60
     chat = summary["chat"]
-    assert chat["answer"] and chat["expected"] in chat["image_content"]
+    assert chat["expected"] in chat["image_content"] and chat["correct"], chat
     assert set(summary["stage_seconds"]) == set(STAGES) and summary["stages_reused"] == []
     assert json.loads((workdir / "demo_summary.json").read_text())["tuned"] == tuned
 

@@ -92,11 +92,11 @@ def test_training_files_use_llava_instruction_format(train_root: Path) -> None:
     assert all(s["conversations"][0]["value"] == "<image>\nDescribe the image briefly." for s in captions)
     # The text-only pretraining describes scenes in words; no image question of instruct.json leaks into it.
     text = json.loads((train_root / "pretrain_text.json").read_text())
-    assert len(text) == 30 and not any("image" in s for s in text)
+    assert len(text) == 150 and not any("image" in s for s in text)
     for sample in text:
         human, gpt = (t["value"] for t in sample["conversations"])
         assert "<image>" not in human
-        assert human.startswith(("Scene: ", "Context: ")) or (human, gpt) in syn.TEXT_ONLY_QA
+        assert human.startswith("Scene: ") or (human, gpt) in syn.TEXT_ONLY_QA
         if human.startswith("Scene: ") and human.endswith("\nDescribe the image briefly."):
             assert human == f"Scene: {gpt}\nDescribe the image briefly."
     sizes = {Image.open(train_root / s["image"]).size for s in instruct if "image" in s}
@@ -143,16 +143,11 @@ def _check_choice(text: str, letter: str, spec: syn.ImageSpec | None) -> None:
     if spec is None:
         assert syn.SHAPE_RIDDLES[chosen] == question and syn.SHAPE_FACTS[chosen] in text
         return
-    if m := re.fullmatch(r"Which color is the (\w+)\?", question):
-        assert {s.shape: s.color for s in spec.shapes}[m[1]] == chosen
-    elif question == "Which shape is in the image?":
-        assert spec.shapes[0].shape == chosen
-    elif m := re.fullmatch(r"Which shape is (\w+)\?", question):
-        assert {s.color: s.shape for s in spec.shapes}[m[1]] == chosen
-    else:
-        raise AssertionError(f"unknown ScienceQA template {question!r}")
-    # Exactly one option is right.
-    assert sum(o in {s.color for s in spec.shapes} | spec.shape_names() for o in options.values()) >= 1
+    # Colour questions list a fixed option set in its fixed order; image questions show one shape.
+    m = re.fullmatch(r"Which color is the (\w+)\?", question)
+    assert m, f"unknown ScienceQA template {question!r}"
+    assert {s.shape: s.color for s in spec.shapes}[m[1]] == chosen
+    assert tuple(options.values()) in syn.COLOR_OPTION_SETS
 
 
 def test_training_answers_match_image_specs(train_root: Path) -> None:
@@ -163,6 +158,7 @@ def test_training_answers_match_image_specs(train_root: Path) -> None:
         for human, gpt in zip(turns[::2], turns[1::2]):
             text = human["value"].replace("<image>\n", "")
             if text.startswith("Context:"):
+                assert spec is None or len(spec.shapes) == 1
                 _check_choice(text, gpt["value"], spec)
             elif spec is None:
                 assert (text, gpt["value"]) in syn.TEXT_ONLY_QA
@@ -202,6 +198,7 @@ def test_eval_layouts_parse_and_answers_match(eval_root: Path) -> None:
         assert text.startswith(f"Context: {prob['hint'] or 'N/A'}\nQuestion: {prob['question']}\nOptions: (A) ")
         spec = specs[f"scienceqa/images/test/{s['image']}"] if "image" in s else None
         assert (prob["image"] is None) == (spec is None)
+        assert spec is None or len(spec.shapes) == 1  # only the asked colour is in the picture
         _check_choice(text.replace("\n<image>", ""), "ABCDE"[prob["answer"]], spec)
 
     tv = [json.loads(line) for line in (eval_root / "textvqa/llava_textvqa_val_v051_ocr.jsonl").read_text().splitlines()]
@@ -241,6 +238,20 @@ def test_pope_negative_sampling_strategies() -> None:
     assert picks <= set(SHAPES) - {"circle"} and len(picks) > 1
 
 
+def test_pope_training_questions_do_not_reveal_the_answer() -> None:
+    """Each shape, and each number of shapes, comes with "yes" as often as with "no"; every answer matches its
+    image."""
+    rng = random.Random(0)
+    counts: dict[object, list[int]] = {key: [0, 0] for key in (*SHAPES, 1, 2)}
+    for _ in range(3000):
+        spec, shape, answer = syn.pope_training_question(rng)
+        assert (shape in spec.shape_names()) == (answer == "yes")
+        for key in (shape, len(spec.shapes)):
+            counts[key][answer == "yes"] += 1
+    for key, (no, yes) in counts.items():
+        assert 0.4 < yes / (yes + no) < 0.6, (key, yes, no)
+
+
 def test_eval_data_is_disjoint_from_training(train_root: Path, eval_root: Path) -> None:
     train_images = {hashlib.sha256((train_root / p).read_bytes()).hexdigest() for p in load_specs(train_root)}
     eval_images = {hashlib.sha256((eval_root / p).read_bytes()).hexdigest() for p in load_specs(eval_root)}
@@ -259,10 +270,6 @@ def test_scene_questions_answer_from_the_described_scene(seed: int) -> None:
     rng = random.Random(seed)
     spec = syn.random_word_spec(rng) if seed % 5 == 0 else syn.random_shape_spec(rng)
     text, answer = syn.scene_question(spec, rng)
-    if text.startswith("Context: "):
-        assert text.startswith(f"Context: {syn.caption(spec)}\n")
-        _check_choice(text, answer, spec)
-    else:
-        scene, rest = text.split("\n", 1)
-        assert scene == f"Scene: {syn.caption(spec)}"
-        _check_answer(rest, answer, spec)
+    scene, rest = text.split("\n", 1)
+    assert scene == f"Scene: {syn.caption(spec)}"
+    _check_answer(rest, answer, spec)
