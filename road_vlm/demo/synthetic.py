@@ -290,9 +290,9 @@ def sqa_image_problem(spec: ImageSpec, rng: random.Random) -> tuple[str, str, li
 
     The options are a fixed list in a fixed order (``COLOR_OPTION_SETS``: the one holding the right colour), like
     ScienceQA's templated questions ("Which tense does the sentence use? (A) past (B) present (C) future"). So the
-    question is answerable from colour, the property the tiny base sees reliably, and its format is the one the
-    base learned from scenes described in words. The benchmark and training data ask it about one-shape images,
-    so no other colour in the picture can be an option.
+    question is answerable from colour, the property the tiny base sees reliably; the letter format is taught by the
+    instruction data alone. The benchmark and training data ask it about one-shape images, so no other colour in
+    the picture can be an option.
     """
     target = rng.choice(spec.shapes)
     choices = list(next(options for options in COLOR_OPTION_SETS if target.color in options))
