@@ -1,7 +1,8 @@
 """ZeRO-3 with 2 ranks that disagree on whether their micro-batch has images (issue: gloo "Received data size
-doesn't match expected size" at the last step). The data and config are the reproduction's: 200 synthetic
-samples (31 text-only), configs/demo.yaml (modality-grouped, 6 epochs, 78 steps); its last global batch is the
-mixed leftovers, and at some step one rank's micro-batch is all text while the other's has images."""
+doesn't match expected size" at the last step). The data and config are the reproduction's kind: 216 synthetic
+samples (24 text-only with today's instruction mix), configs/demo.yaml (modality-grouped, 6 epochs, 84 steps); each
+epoch's last global batch is the mixed leftovers, in which one rank's micro-batch is all text while the other's has
+images."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from train_helpers import REPO, deepspeed_command, demo_config, run_training, wr
 
 pytestmark = pytest.mark.slow
 
-NUM_SAMPLES = 200
-STEPS = 78  # 6 epochs of ceil(200 / 16)
-RESUME_AT = 70  # mid-epoch (epoch 5, step 5 of 13), before the step where the ranks disagree
+NUM_SAMPLES = 216
+STEPS = 84  # 6 epochs of ceil(216 / 16)
+RESUME_AT = 75  # mid-epoch (epoch 5, step 5 of 14), before the step where the ranks disagree
 
 
 @pytest.fixture(scope="module")
