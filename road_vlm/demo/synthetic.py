@@ -430,6 +430,37 @@ def _gpt(text: str) -> dict[str, str]:
     return {"from": "gpt", "value": text}
 
 
+# The language model's pretraining mix, one slot per sample in turn. Text is cheap (no image), so the language model
+# gets five times as many samples as the captioning phase. Yes/no questions need the most: they compare the question
+# with the scene rather than copy from it ("Is there a circle?", "Is the circle red?").
+# Two-shape scenes get a slot of their own: telling which colour goes with which shape is what the language model
+# finds hardest ("Is the square red?" about a red circle and a blue square).
+TEXT_SLOTS: tuple[str, ...] = ("describe", "text_only", "pope", "pope", "pope", "color_check", "color_check", "scene",
+                               "two_shape_scene")
+
+
+def _text_sample(slot: int, rng: random.Random) -> tuple[str, str]:
+    """One text-only pretraining sample (question, answer) of kind ``TEXT_SLOTS[slot]``."""
+    kind = TEXT_SLOTS[slot]
+    if kind == "text_only":
+        return rng.choice(TEXT_ONLY_QA)
+    if kind == "pope":
+        spec, shape, answer = pope_training_question(rng)
+        return f"Scene: {caption(spec)}\n{pope_question(shape)}\n{SHORT_ANSWER_SUFFIX}", answer
+    if kind == "color_check":
+        spec = random_shape_spec(rng)
+        question, answer = color_check_question(spec, rng)
+        return f"Scene: {caption(spec)}\n{question}\n{SHORT_ANSWER_SUFFIX}", answer
+    if kind == "two_shape_scene":
+        spec = random_shape_spec(rng, num_shapes=2)
+        question, answer = gqa_question(spec, rng)
+        return f"Scene: {caption(spec)}\n{question}\n{SHORT_ANSWER_SUFFIX}", answer
+    spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
+    if kind == "describe":  # describing a scene given in words: the text twin of captioning
+        return f"Scene: {caption(spec)}\n{CAPTION_PROMPT}", caption(spec)
+    return scene_question(spec, rng)
+
+
 def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int = 1200,
                            num_pretrain: int | None = None) -> Path:
     """Write ``root/images/*.png``, ``root/instruct.json``, ``root/pretrain.json`` and ``root/pretrain_text.json``.
@@ -496,27 +527,13 @@ def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int 
             instruct.append({"id": sid, "conversations": [_human(q, False), _gpt(a)]})
 
     pretrain: list[dict[str, Any]] = []
-    pretrain_text: list[dict[str, Any]] = []
     for i in range(num_pretrain):  # signs are a third: reading a word is harder for the tiny vision than a shape
         spec = random_word_spec(rng) if rng.random() < 0.35 else random_shape_spec(rng)
         pretrain.append({"id": f"pretrain-{i:06d}", "image": new_image(spec),
                          "conversations": [_human(CAPTION_PROMPT, True), _gpt(caption(spec))]})
-    # Text is cheap (no image), so the language model gets five times as many samples. Yes/no questions ("Is there a
-    # circle?") need the most: they compare the question with the scene rather than copy from it.
+    pretrain_text: list[dict[str, Any]] = []
     for i in range(5 * num_pretrain):
-        spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
-        if i % 8 == 0:  # describing a scene given in words: the text twin of captioning
-            text, answer = f"Scene: {caption(spec)}\n{CAPTION_PROMPT}", caption(spec)
-        elif i % 8 == 1:
-            text, answer = rng.choice(TEXT_ONLY_QA)
-        elif i % 8 in (2, 3, 4):
-            spec, shape, answer = pope_training_question(rng)
-            text = f"Scene: {caption(spec)}\n{pope_question(shape)}\n{SHORT_ANSWER_SUFFIX}"
-        elif i % 8 == 5 and spec.shapes:
-            question, answer = color_check_question(spec, rng)
-            text = f"Scene: {caption(spec)}\n{question}\n{SHORT_ANSWER_SUFFIX}"
-        else:
-            text, answer = scene_question(spec, rng)
+        text, answer = _text_sample(i % len(TEXT_SLOTS), rng)
         pretrain_text.append({"id": f"text-{i:06d}", "conversations": [_human(text, False), _gpt(answer)]})
     _write_json(root / "instruct.json", instruct)
     _write_json(root / "pretrain.json", pretrain)
