@@ -531,6 +531,7 @@ def generate_training_data(root: str | Path, *, seed: int = 0, num_samples: int 
         spec = random_word_spec(rng) if rng.random() < 0.35 else random_shape_spec(rng)
         pretrain.append({"id": f"pretrain-{i:06d}", "image": new_image(spec),
                          "conversations": [_human(CAPTION_PROMPT, True), _gpt(caption(spec))]})
+    # Drawn last from the shared stream: a change to the text mix leaves instruct.json and pretrain.json as they were.
     pretrain_text: list[dict[str, Any]] = []
     for i in range(5 * num_pretrain):
         text, answer = _text_sample(i % len(TEXT_SLOTS), rng)
