@@ -325,24 +325,28 @@ def textvqa_question(spec: ImageSpec, rng: random.Random, question: str | None =
     return f"{question}\n{OCR_PREFIX}{', '.join(tokens)}", spec.word
 
 
+def scene_prompt(spec: ImageSpec, question: str) -> str:
+    """A short-answer question about ``spec`` given in words: the text-only twin of an image question."""
+    return f"Scene: {caption(spec)}\n{question}\n{SHORT_ANSWER_SUFFIX}"
+
+
 def scene_question(spec: ImageSpec, rng: random.Random) -> tuple[str, str]:
     """A text-only question in GQA's, POPE's or TextVQA's format about ``spec`` given as a caption.
 
     The tiny base learns from these what a base LLM already knows (answer formats, reading a described
     scene); RoAd tuning then has to teach it to answer the same questions from the image instead.
     """
-    scene = f"Scene: {caption(spec)}"
     if spec.word is not None:
         q, a = textvqa_question(spec, rng)
-        return f"{scene}\n{q}\n{SHORT_ANSWER_SUFFIX}", a
+        return scene_prompt(spec, q), a
     family = rng.choice(SCENE_FAMILIES)
     if family == "gqa":
         q, a = gqa_question(spec, rng)
-        return f"{scene}\n{q}\n{SHORT_ANSWER_SUFFIX}", a
+        return scene_prompt(spec, q), a
     # pope: any shape, present or not (the asked shape must not give the answer away)
     shape = rng.choice(SHAPES)
     answer = "yes" if shape in spec.shape_names() else "no"
-    return f"{scene}\n{pope_question(shape)}\n{SHORT_ANSWER_SUFFIX}", answer
+    return scene_prompt(spec, pope_question(shape)), answer
 
 
 # --------------------------------------------------------------------------------------
@@ -446,15 +450,15 @@ def _text_sample(slot: int, rng: random.Random) -> tuple[str, str]:
         return rng.choice(TEXT_ONLY_QA)
     if kind == "pope":
         spec, shape, answer = pope_training_question(rng)
-        return f"Scene: {caption(spec)}\n{pope_question(shape)}\n{SHORT_ANSWER_SUFFIX}", answer
+        return scene_prompt(spec, pope_question(shape)), answer
     if kind == "color_check":
         spec = random_shape_spec(rng)
         question, answer = color_check_question(spec, rng)
-        return f"Scene: {caption(spec)}\n{question}\n{SHORT_ANSWER_SUFFIX}", answer
+        return scene_prompt(spec, question), answer
     if kind == "two_shape_scene":
         spec = random_shape_spec(rng, num_shapes=2)
         question, answer = gqa_question(spec, rng)
-        return f"Scene: {caption(spec)}\n{question}\n{SHORT_ANSWER_SUFFIX}", answer
+        return scene_prompt(spec, question), answer
     spec = random_word_spec(rng) if rng.random() < 0.2 else random_shape_spec(rng)
     if kind == "describe":  # describing a scene given in words: the text twin of captioning
         return f"Scene: {caption(spec)}\n{CAPTION_PROMPT}", caption(spec)
