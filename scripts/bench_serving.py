@@ -111,6 +111,7 @@ def road_vlm_system(model: Any, args: argparse.Namespace) -> Callable[[list[str]
         with per_sample_adapters(model, names):
             model.generate(**kwargs)
 
+    run.model = model  # type: ignore[attr-defined]  # for the --profile ablation
     return run
 
 
@@ -157,6 +158,7 @@ def overhead_breakdown(systems: dict[str, Callable[[list[str], dict[str, Any]], 
         per_op[name] = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
                         for e in prof.key_averages()}
     hotspots = {name: _python_hotspots(lambda: systems[name](names, kwargs)) for name in ("base", "road_vlm_road4")}
+    ablation = _ablation(systems, names, kwargs, device)
     ops = set(per_op["base"]) | set(per_op["road_vlm_road4"])
     extra = {op: per_op["road_vlm_road4"].get(op, 0.0) - per_op["base"].get(op, 0.0) for op in ops}
     in_ops = {name: sum(values.values()) for name, values in per_op.items()}
@@ -168,6 +170,57 @@ def overhead_breakdown(systems: dict[str, Callable[[list[str], dict[str, Any]], 
         "extra_wall_ms": round(wall["road_vlm_road4"] - wall["base"], 1),
         "extra_by_operator_ms": {op: round(v, 2) for op, v in sorted(extra.items(), key=lambda kv: -abs(kv[1]))[:top]},
         "python_self_ms_top": hotspots,
+        "ablation_ms": ablation,
+    }
+
+
+def _ablation(systems: dict[str, Callable[[list[str], dict[str, Any]], None]], names: list[str],
+              kwargs: dict[str, Any], device: str) -> dict[str, float]:
+    """road_vlm's extra time per ``generate`` split by switching its parts off one at a time (no profiler, so
+    the small per-call costs that the profiler's own overhead hides are measured as they are): the rotation's
+    element-wise ops, the per-call table lookups, the wrapper module call, and building the tables when the
+    ``per_sample_adapters`` block is entered. Medians of interleaved rounds; differences of noisy totals, so
+    read them to about a millisecond."""
+    from road_vlm.adapters import layer as adapter_layer
+    from road_vlm.adapters import per_sample_adapters
+
+    road = systems["road_vlm_road4"]
+    model = road.model  # type: ignore[attr-defined]
+    real_forward, real_rotate = adapter_layer.AdaptedLinear.forward, adapter_layer.apply_rotation_fused_
+
+    def no_rotation(names: list[str], kw: dict[str, Any]) -> None:
+        adapter_layer.apply_rotation_fused_ = lambda y, c1, s2, group_size: y
+        try:
+            road(names, kw)
+        finally:
+            adapter_layer.apply_rotation_fused_ = real_rotate
+
+    def wrapper_only(names: list[str], kw: dict[str, Any]) -> None:
+        adapter_layer.AdaptedLinear.forward = lambda self, x: self.base_layer(x)
+        try:
+            road(names, kw)
+        finally:
+            adapter_layer.AdaptedLinear.forward = real_forward
+
+    def tables_only(names: list[str], kw: dict[str, Any]) -> None:
+        with per_sample_adapters(model, names):
+            pass
+
+    rounds = 3 if device.startswith("cuda") else 5  # the GPU check's serving stage has a time budget
+    variants = {"road_vlm": road, "no_rotation": no_rotation, "wrapper_only": wrapper_only, "base": systems["base"],
+                "tables": tables_only}
+    ms: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            ms[k].append(_timed_once(lambda: fn(names, kwargs), device) * 1e3)
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    return {
+        "road_vlm_generate": round(med["road_vlm"], 1),
+        "base_generate": round(med["base"], 1),
+        "rotation_ops": round(med["road_vlm"] - med["no_rotation"], 1),
+        "table_lookups_per_call": round(med["no_rotation"] - med["wrapper_only"], 1),
+        "wrapper_module_calls": round(med["wrapper_only"] - med["base"] - med["tables"], 1),
+        "building_tables_per_block": round(med["tables"], 1),
     }
 
 

@@ -102,7 +102,7 @@ else
     run_stage cuda-tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/adapters/test_cuda.py
     run_stage adapters 120 "$PYTHON" scripts/bench_adapters.py --device cuda --dtype bfloat16 --rounds 3
     run_stage train 120 "$PYTHON" scripts/bench_train.py --preset 7b --num-layers 4 --steps 3 --warmup 1
-    run_stage serving 150 "$PYTHON" scripts/bench_serving.py --preset 7b --num-layers 4 --adapters 1 32 --repeats 2 \
+    run_stage serving 200 "$PYTHON" scripts/bench_serving.py --preset 7b --num-layers 4 --adapters 1 32 --repeats 2 \
         --profile
 fi
 

@@ -120,6 +120,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         for key, by_n in serving.get("ratios", {}).items():
             if not key.endswith("_vs_base"):
                 lines.append(f"\n{key}: " + ", ".join(f"{_fmt(r)}× with {n} adapters" for n, r in by_n.items()))
+        ablation = (serving.get("overhead_breakdown") or {}).get("ablation_ms")
+        if ablation:
+            lines += ["", "road_vlm's time above the base per `generate`, by switching its parts off (ms): "
+                      + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in ablation.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

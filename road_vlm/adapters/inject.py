@@ -302,8 +302,9 @@ def per_sample_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Ite
     layers = list(adapted_layers(model).values())
     reg.mixed = True
     try:
+        index_cache: dict = {}
         for layer in layers:
-            layer.build_mixed_tables(list(names), dtype=layer.weight.dtype)
+            layer.build_mixed_tables(list(names), dtype=layer.weight.dtype, index_cache=index_cache)
         yield
     finally:
         for layer in layers:

@@ -67,6 +67,22 @@ class _MergedState:
 
 
 @dataclass
+class _RotationBank:
+    """Every RoAd adapter of one layer with its coefficients stacked per (group size, dtype), row 0 the identity.
+
+    Mixed batches gather their rows from here, so entering ``per_sample_adapters`` (which continuous batching does
+    whenever a row joins or leaves) looks names up instead of computing and stacking every adapter's tables again:
+    with 32 adapters loaded and 16 in the batch, 57 -> 14 ms per change for LLaVA-7B's 224 adapted layers (2-core
+    CPU). Rebuilt when one of its adapters' parameters changed (see ``AdaptedLinear._rotation_bank``). Memory:
+    2 x (1 + n) x d_out values per layer and dtype, ~5.4 MB per adapter for LLaVA-7B in bf16.
+    """
+
+    stamps: dict[str, tuple]  # name -> its parameters' identity, version and storage when the bank was built
+    rows: dict[str, tuple[int, int]]  # name -> (group_size, row in that group size's tables)
+    tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]  # -> (c1, s2), each [1 + n, d_out]
+
+
+@dataclass
 class _MixedTables:
     """Per-layer gathered tables for a mixed batch, built once when ``per_sample_adapters`` is entered."""
 
@@ -76,6 +92,22 @@ class _MixedTables:
     lora_b: Optional[torch.Tensor]  # [N+1, d_out, r_max], LoRA scale folded in
     # per activation (batch, ndim, dtype); batch is k * len(names) for num_return_sequences / beams: gathered rows
     by_shape: dict[tuple, tuple]
+
+
+def _stamp(theta: torch.Tensor, alpha: torch.Tensor) -> tuple:
+    return id(theta), theta._version, theta.data_ptr(), id(alpha), alpha._version, alpha.data_ptr()
+
+
+def _index_tensor(values: list[int], device: torch.device, cache: Optional[dict]) -> torch.Tensor:
+    """A long tensor of ``values``, built from the Python list in one copy (per-element writes into a device
+    tensor are one kernel each), or the equal one already in ``cache``. Never written to, so safe to share."""
+    key = (device, tuple(values))
+    tensor = None if cache is None else cache.get(key)
+    if tensor is None:
+        tensor = torch.tensor(values, dtype=torch.long, device=device)
+        if cache is not None:
+            cache[key] = tensor
+    return tensor
 
 
 class AdaptedLinear(nn.Module):
@@ -100,6 +132,7 @@ class AdaptedLinear(nn.Module):
         # the parameters' device when applied). Plain attribute, so it never enters a state dict.
         self.pair_masks: dict[str, torch.Tensor] = {}
         self._mixed: Optional[_MixedTables] = None
+        self._bank: Optional[_RotationBank] = None
 
     # -- nn.Linear look-alike attributes, so code that inspects .weight/.in_features keeps working
     @property
@@ -150,6 +183,7 @@ class AdaptedLinear(nn.Module):
             self.lora_B[name] = nn.Parameter(torch.zeros(d_out, spec.lora_r, dtype=pdtype, device=device))
         self.specs[name] = spec
         self._coeff_cache.pop(name, None)
+        self._bank = None
 
     def remove(self, name: str) -> None:
         """Drop adapter ``name`` from this layer."""
@@ -159,6 +193,7 @@ class AdaptedLinear(nn.Module):
         self.specs.pop(name, None)
         self.pair_masks.pop(name, None)
         self._coeff_cache.pop(name, None)
+        self._bank = None
         if self.active_adapter == name:
             self.active_adapter = None
 
@@ -207,6 +242,7 @@ class AdaptedLinear(nn.Module):
     def invalidate_cache(self) -> None:
         """Forget cached coefficient tables (needed only after editing parameters through ``.data``)."""
         self._coeff_cache.clear()
+        self._bank = None
 
     def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         spec = self.specs[name]
@@ -240,12 +276,15 @@ class AdaptedLinear(nn.Module):
 
     # -- mixed batches
     @torch.no_grad()
-    def build_mixed_tables(self, names: list[Optional[str]], *, dtype: torch.dtype) -> None:
+    def build_mixed_tables(
+        self, names: list[Optional[str]], *, dtype: torch.dtype, index_cache: Optional[dict] = None
+    ) -> None:
         """Prepare the gathered tables for one batch whose row i uses ``names[i]`` (None = base model).
 
         Names this layer does not hold map to the identity row (an adapter may target a subset of layers).
         Built once per ``per_sample_adapters`` block, so each decode step is one fused multiply-add pass.
-        Inference only: the tables are detached from the adapter parameters.
+        Inference only: the tables are detached from the adapter parameters. ``index_cache``, a dict shared by the
+        layers of one block, lets layers with the same row indices (normally all of them) share those tensors.
         """
         if self.merged is not None:
             raise AdapterStateError(
@@ -254,27 +293,16 @@ class AdaptedLinear(nn.Module):
         device = self.base_layer.weight.device
         present = [n for n in dict.fromkeys(names) if n is not None and n in self.specs]
         row_of = {n: i + 1 for i, n in enumerate(present)}
-        ids = torch.tensor([row_of.get(n, 0) if n is not None else 0 for n in names], dtype=torch.long, device=device)
+        ids = _index_tensor([row_of.get(n, 0) if n is not None else 0 for n in names], device, index_cache)
 
+        bank = self._rotation_bank([n for n in present if variant_has_road(self.specs[n].variant)])
         rotations = []
-        road_names = [n for n in present if variant_has_road(self.specs[n].variant)]
-        # One pass per distinct group_size (normally exactly one): rows of other buckets stay identity.
-        for gs in sorted({self.specs[n].group_size for n in road_names}):
-            bucket = [n for n in road_names if self.specs[n].group_size == gs]
-            c1_rows, s2_rows = [], []
-            ident = identity_coefficients(self.out_features, dtype=self.road_theta[bucket[0]].dtype, device=device)
-            c1_rows.append(ident[0])
-            s2_rows.append(ident[1])
-            for n in bucket:
-                c1, s2 = self.coefficients(n)
-                c1_rows.append(c1)
-                s2_rows.append(s2)
-            c1_t = torch.stack(c1_rows).to(dtype)
-            s2_t = torch.stack(s2_rows).to(dtype)
-            # Built from a Python list in one copy: per-element writes into a device tensor are one kernel each, and
-            # continuous batching rebuilds these tables whenever a row joins or leaves.
-            bucket_row = {n: i + 1 for i, n in enumerate(bucket)}
-            remap = torch.tensor([0] + [bucket_row.get(n, 0) for n in present], dtype=torch.long, device=device)
+        # One pass per distinct group_size among the batch's adapters (normally exactly one); rows of other group
+        # sizes stay identity in that pass.
+        for gs in sorted({bank.rows[n][0] for n in present if n in bank.rows}):
+            c1_t, s2_t = self._bank_tables(bank, gs, dtype)
+            bank_rows = [bank.rows[n][1] if bank.rows.get(n, (None,))[0] == gs else 0 for n in present]
+            remap = _index_tensor([0] + bank_rows, device, index_cache)
             rotations.append((gs, remap, c1_t, s2_t))
 
         lora_a = lora_b = None
@@ -287,6 +315,39 @@ class AdaptedLinear(nn.Module):
                 lora_a[row_of[n]] = self._padded_a(n, r_max, dtype)
                 lora_b[row_of[n]] = self._padded_b(n, r_max, dtype)
         self._mixed = _MixedTables(ids=ids, rotations=rotations, lora_a=lora_a, lora_b=lora_b, by_shape={})
+
+    def _rotation_bank(self, names: list[str]) -> _RotationBank:
+        """This layer's :class:`_RotationBank`, rebuilt when an adapter was added or removed (both drop it) or one of
+        ``names``, the batch's RoAd adapters, changed: ``_version`` moves on every in-place update, ``data_ptr`` and
+        identity on a swapped storage or a replaced parameter. Adapters outside the batch are checked when used."""
+        # The ParameterDicts' own name -> Parameter dicts: their __getitem__ costs ~1 us a name, and this runs for
+        # every adapted layer each time a batch's adapter set changes.
+        thetas, alphas = self.road_theta._parameters, self.road_alpha._parameters
+        bank = self._bank
+        if bank is not None and all(bank.stamps.get(n) == _stamp(thetas[n], alphas[n]) for n in names):
+            return bank
+        rows: dict[str, tuple[int, int]] = {}
+        counts: dict[int, int] = {}
+        for n in thetas:
+            gs = self.specs[n].group_size
+            counts[gs] = counts.get(gs, 0) + 1
+            rows[n] = (gs, counts[gs])
+        stamps = {n: _stamp(t, alphas[n]) for n, t in thetas.items()}
+        bank = self._bank = _RotationBank(stamps=stamps, rows=rows, tables={})
+        return bank
+
+    def _bank_tables(self, bank: _RotationBank, gs: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c1, s2)`` of every adapter with group size ``gs`` in ``dtype``, [1 + n, d_out], built on first use."""
+        tables = bank.tables.get((gs, dtype))
+        if tables is None:
+            names = sorted((row, n) for n, (g, row) in bank.rows.items() if g == gs)
+            pairs = [self.coefficients(n) for _, n in names]
+            ident_c1, ident_s2 = identity_coefficients(self.out_features, dtype=pairs[0][0].dtype,
+                                                       device=pairs[0][0].device)
+            c1_t = torch.stack([ident_c1] + [c1 for c1, _ in pairs]).to(dtype)
+            s2_t = torch.stack([ident_s2] + [s2 for _, s2 in pairs]).to(dtype)
+            tables = bank.tables[(gs, dtype)] = (c1_t, s2_t)
+        return tables
 
     def _padded_a(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
         a = self.lora_A[name].to(dtype)

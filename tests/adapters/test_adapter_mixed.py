@@ -131,3 +131,34 @@ def test_tables_follow_parameter_updates_between_blocks(adx):
     assert torch.equal(first[1], second[1])
     assert not torch.allclose(first[0], second[0], atol=1e-4)
     torch.testing.assert_close(second[:1], alone, rtol=0, atol=2e-6)
+
+
+def test_tables_are_stacked_once_and_follow_added_adapters_and_swapped_storage(adx):
+    model = _mixed_model(adx)
+    inputs = adx.make_inputs(batch=2, with_image=False)
+    layer = next(iter(adapted_layers(model).values()))
+
+    def tables():
+        return [t for _, _, t, _ in layer._mixed.rotations]
+
+    with torch.no_grad():
+        with per_sample_adapters(model, ["r4", "r1"]):
+            first = tables()
+        with per_sample_adapters(model, ["r1", None]):  # another row set: the same stacked tables, not a rebuild
+            assert tables()[0] is first[0]
+        # An adapter added after a block is in the next one, and mixed rows still equal each row alone.
+        add_adapter(model, AdapterConfig(variant="road4", group_size=adx.GROUP), name="new")
+        adx.randomize_adapter(model, "new", seed=40)
+        with per_sample_adapters(model, ["new", "r4"]):
+            mixed = model(**inputs).logits
+        # Storage swapped under a parameter (as Module.to / _apply do) is seen too: no version moves there.
+        for layer in adapted_layers(model).values():
+            theta = layer.road_theta["r4"]
+            theta.data = -theta.data.clone()
+        with per_sample_adapters(model, ["new", "r4"]):
+            replaced = model(**inputs).logits
+        assert not torch.allclose(mixed[1], replaced[1], atol=1e-4)
+        for i, name in enumerate(["new", "r4"]):
+            set_active_adapter(model, name)
+            alone = model(**{k: v[i:i + 1] for k, v in inputs.items()}).logits
+            torch.testing.assert_close(replaced[i:i + 1], alone, rtol=0, atol=2e-6, msg=name)

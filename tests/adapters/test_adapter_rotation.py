@@ -147,7 +147,7 @@ def test_unmerge_refuses_singular_block_and_names_layer():
     assert not torch.equal(merged_w, w_before)
 
 
-@pytest.mark.parametrize("block_bytes", [1, 3 * G * 9 * 8, 1 << 20])  # one group, 3 groups, all at once
+@pytest.mark.parametrize("block_bytes", [1, 3 * G * 9 * 8, 1 << 20, None])  # one group, 3 groups, all, default
 def test_in_place_rotate_rows_matches_out_of_place(block_bytes):
     from road_vlm.adapters.rotation import rotate_rows_
 
