@@ -68,3 +68,9 @@ def test_bench_server_quick_drives_real_servers_with_both_batching_policies():
     for adapters in ("base", "4_adapters"):
         assert (report["runs"][f"static-{adapters}"]["completion_tokens"]
                 == report["runs"][f"continuous-{adapters}"]["completion_tokens"])
+
+
+def test_bench_adapter_switch_quick_reports_the_cost_of_a_row_set_change():
+    report = _run("scripts/bench_adapter_switch.py", "--quick")
+    assert report["adapted_layers"] == 4 * 7 and report["adapters_in_batch"] == 2
+    assert report["enter_exit_ms"] > 0 and report["forward_ms"] > 0

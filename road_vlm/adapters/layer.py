@@ -87,7 +87,8 @@ class _MixedTables:
     """Per-layer gathered tables for a mixed batch, built once when ``per_sample_adapters`` is entered."""
 
     ids: torch.Tensor  # [batch] row index into the tables (0 = no adapter)
-    rotations: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (group_size, ids_for_bucket, c1, s2)
+    # (group_size, [batch] row of each batch row in the bank's tables, c1 table, s2 table), one per group size
+    rotations: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
     lora_a: Optional[torch.Tensor]  # [N+1, r_max, d_in]
     lora_b: Optional[torch.Tensor]  # [N+1, d_out, r_max], LoRA scale folded in
     # per activation (batch, ndim, dtype); batch is k * len(names) for num_return_sequences / beams: gathered rows
@@ -301,9 +302,8 @@ class AdaptedLinear(nn.Module):
         # sizes stay identity in that pass.
         for gs in sorted({bank.rows[n][0] for n in present if n in bank.rows}):
             c1_t, s2_t = self._bank_tables(bank, gs, dtype)
-            bank_rows = [bank.rows[n][1] if bank.rows.get(n, (None,))[0] == gs else 0 for n in present]
-            remap = _index_tensor([0] + bank_rows, device, index_cache)
-            rotations.append((gs, remap, c1_t, s2_t))
+            rows = [bank.rows[n][1] if bank.rows.get(n, (None,))[0] == gs else 0 for n in names]
+            rotations.append((gs, _index_tensor(rows, device, index_cache), c1_t, s2_t))
 
         lora_a = lora_b = None
         lora_names = [n for n in present if self.specs[n].lora_r]
@@ -366,27 +366,27 @@ class AdaptedLinear(nn.Module):
         ``dtype``: each row's coefficients gathered, cast and shaped to broadcast against it, once per block."""
         mixed = self._mixed
         n = mixed.ids.shape[0]
-        if batch == n:
-            ids = mixed.ids
-        elif batch % n == 0:
-            # generate(num_return_sequences=k) / beam search expand each row k times with repeat_interleave.
-            ids = mixed.ids.repeat_interleave(batch // n)
-        else:
+        if batch % n:
             raise AdapterStateError(
                 f"{self.module_name}: per_sample_adapters got {n} adapter names but the layer sees a batch of "
                 f"{batch} rows (not a multiple of {n}); pass one name per batch row"
             )
+        repeat = batch // n  # generate(num_return_sequences=k) / beams repeat_interleave every row k times
+
+        def expand(rows: torch.Tensor) -> torch.Tensor:
+            return rows if repeat == 1 else rows.repeat_interleave(repeat)
+
         # Names are fixed for the whole block, so each row's coefficients are gathered once per activation shape
         # and every decode step is a single fused pass with nothing to look up, cast or reshape: at small widths
         # those per-call steps cost more than the rotation itself. Memory: 2 x batch x d_out per layer in the
         # activation dtype (for LLaVA-7B, batch 32, bf16: ~170 MB in all, next to gigabytes of KV cache).
         view = (batch,) + (1,) * (ndim - 2) + (self.out_features,)
-        rotations = [
-            (gs, c1_t.index_select(0, remap[ids]).to(dtype).reshape(view),
-             s2_t.index_select(0, remap[ids]).to(dtype).reshape(view))
-            for gs, remap, c1_t, s2_t in mixed.rotations
-        ]
-        return ids, rotations
+        rotations = []
+        for gs, rows, c1_t, s2_t in mixed.rotations:
+            rows = expand(rows)
+            rotations.append((gs, c1_t.index_select(0, rows).to(dtype).reshape(view),
+                              s2_t.index_select(0, rows).to(dtype).reshape(view)))
+        return expand(mixed.ids), rotations
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         mixed = self._mixed
