@@ -72,9 +72,10 @@ class _RotationBank:
 
     Mixed batches gather their rows from here, so entering ``per_sample_adapters`` (which continuous batching does
     whenever a row joins or leaves) looks names up instead of computing and stacking every adapter's tables again:
-    with 32 adapters loaded and 16 in the batch, 57 -> 14 ms per change for LLaVA-7B's 224 adapted layers (2-core
-    CPU). Rebuilt when one of its adapters' parameters changed (see ``AdaptedLinear._rotation_bank``). Memory:
-    2 x (1 + n) x d_out values per layer and dtype, ~5.4 MB per adapter for LLaVA-7B in bf16.
+    with 32 adapters loaded and 16 in the batch, ~50 -> ~18 ms per change for LLaVA-7B's 224 adapted layers
+    (scripts/bench_adapter_switch.py, 2-core CPU). Rebuilt when one of its adapters' parameters changed (see
+    ``AdaptedLinear._rotation_bank``). Memory: 2 x (1 + n) x d_out values per layer and dtype, ~5.4 MB per adapter
+    for LLaVA-7B in bf16.
     """
 
     stamps: dict[str, tuple]  # name -> its parameters' identity, version and storage when the bank was built
