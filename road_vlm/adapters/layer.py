@@ -97,7 +97,12 @@ class _MixedTables:
 
 
 def _stamp(theta: torch.Tensor, alpha: torch.Tensor) -> tuple:
-    return id(theta), theta._version, theta.data_ptr(), id(alpha), alpha._version, alpha.data_ptr()
+    """What tells whether a RoAd adapter's parameters changed since a table was built from them: ``_version``
+    moves on every in-place update (optimizer steps, load_state_dict, copy_ under no_grad), ``data_ptr`` and the
+    device on a swapped storage (``Module.to``), the identity on a replaced parameter. Edits through ``.data``
+    bypass all of them: call ``invalidate_cache()`` then."""
+    return (id(theta), theta._version, theta.data_ptr(), id(alpha), alpha._version, alpha.data_ptr(),
+            theta.device)
 
 
 def _index_tensor(values: list[int], device: torch.device, cache: Optional[dict]) -> torch.Tensor:
@@ -226,9 +231,7 @@ class AdaptedLinear(nn.Module):
         if torch.is_grad_enabled() and (theta.requires_grad or alpha.requires_grad):
             c1, s2 = road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
             return (c1, s2) if dtype is None else (c1.to(dtype), s2.to(dtype))
-        # _version changes on every in-place update (optimizer steps, load_state_dict, copy_ under no_grad);
-        # data_ptr catches a swapped storage. Direct `.data` edits bypass both: call invalidate_cache() then.
-        key = (theta._version, alpha._version, theta.data_ptr(), alpha.data_ptr(), theta.device)
+        key = _stamp(theta, alpha)
         hit = self._coeff_cache.get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():
@@ -319,8 +322,8 @@ class AdaptedLinear(nn.Module):
 
     def _rotation_bank(self, names: list[str]) -> _RotationBank:
         """This layer's :class:`_RotationBank`, rebuilt when an adapter was added or removed (both drop it) or one of
-        ``names``, the batch's RoAd adapters, changed: ``_version`` moves on every in-place update, ``data_ptr`` and
-        identity on a swapped storage or a replaced parameter. Adapters outside the batch are checked when used."""
+        ``names``, the batch's RoAd adapters, changed (see :func:`_stamp`). Adapters outside the batch are checked
+        when a batch uses them."""
         # The ParameterDicts' own name -> Parameter dicts: their __getitem__ costs ~1 us a name, and this runs for
         # every adapted layer each time a batch's adapter set changes.
         thetas, alphas = self.road_theta._parameters, self.road_alpha._parameters
