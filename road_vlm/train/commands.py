@@ -8,7 +8,9 @@ import subprocess
 import sys
 from typing import Any
 
+from road_vlm.train.config import ConfigError, load_config
 from road_vlm.train.entry import add_arguments, run
+from road_vlm.train.precision import check_training_precision
 
 
 def launcher_command(
@@ -29,9 +31,14 @@ def launcher_command(
 def _command(args: argparse.Namespace) -> int:
     if args.num_processes is None and not args.hostfile:
         return run(args.config, args.overrides)
-    env = dict(os.environ)
     if not _has_cuda():
-        env.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:  # say so before starting N processes that would each load the model and then fail
+        check_training_precision(load_config(args.config, args.overrides), args.config)
+    except ConfigError as err:
+        print(f"road_vlm train error: {err}", file=sys.stderr, flush=True)
+        return 2
+    env = dict(os.environ)
     cmd = launcher_command(args.config, args.overrides, num_processes=args.num_processes or 1,
                            hostfile=args.hostfile, master_port=args.master_port)
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)

@@ -34,10 +34,12 @@ def run(config_path: str, overrides: list[str]) -> int:
     from road_vlm.data.images import ImageLoadError
     from road_vlm.train.checkpoint import CheckpointError
     from road_vlm.train.ds_config import DeepSpeedConfigError
+    from road_vlm.train.precision import check_training_precision
     from road_vlm.train.trainer import train
 
     try:
         config = load_config(config_path, overrides)
+        check_training_precision(config, config_path)
         train(config)
     except (ConfigError, DataError, ImageLoadError, CheckpointError, DeepSpeedConfigError, AdapterConfigError) as err:
         rank = os.environ.get("RANK", "0")
