@@ -12,6 +12,7 @@ from road_vlm.demo import pipeline
 def _command(args: argparse.Namespace) -> int:
     settings = pipeline.DemoSettings(num_processes=args.num_processes, text_steps=args.text_steps,
                                      caption_steps=args.caption_steps, num_eval=args.num_eval,
+                                     rebuild_base=args.rebuild_base, threads_per_process=args.threads_per_process,
                                      train_overrides=tuple(args.overrides))
     pipeline.run_demo(Path(args.workdir).expanduser(), settings, fresh=args.fresh, until=args.until)
     return 0
@@ -31,6 +32,11 @@ def register(subparsers: Any) -> None:
                         help="stop after this stage (e.g. 'base': prepare the assets configs/demo.yaml trains on)")
     parser.add_argument("--num-processes", type=int, default=defaults.num_processes,
                         help="deepspeed processes for training (default: %(default)s)")
+    parser.add_argument("--threads-per-process", type=int, default=None,
+                        help="torch threads of each training process (default: the cores shared out)")
+    parser.add_argument("--rebuild-base", action="store_true",
+                        help="pretrain the tiny base from scratch (a few minutes) instead of using the one shipped "
+                             "in road_vlm/demo/assets/base; --text-steps and --caption-steps apply only then")
     parser.add_argument("--text-steps", type=int, default=defaults.text_steps,
                         help="steps of the tiny base's language-model pretraining on text (default: %(default)s)")
     parser.add_argument("--caption-steps", type=int, default=defaults.caption_steps,

@@ -1,9 +1,11 @@
 """``road-vlm demo``: the whole pipeline on an embedded default, on CPU, in about ten minutes.
 
 1. data: synthetic shape/colour/sign images, instruction data and the four benchmarks in LLaVA's eval layout
-2. base: a tiny LLaVA-1.5-architecture base (real ``LlavaForConditionalGeneration``, real tokenizer files) saved in
-   HF format, then given basic abilities by a short full-parameter pretraining (captions + text-only
-   instructions) — the stand-in for the CLIP + Vicuna + stage-1 checkpoint a real run starts from
+2. base: a tiny LLaVA-1.5-architecture base (real ``LlavaForConditionalGeneration``, real tokenizer files) in HF
+   format — the stand-in for the CLIP + Vicuna + stage-1 checkpoint a real run starts from. By default the one
+   shipped with the source (``road_vlm/demo/assets/base``, checked against its manifest), as a real user
+   downloads Vicuna; ``rebuild_base`` builds it from scratch with a short full-parameter pretraining (text-only
+   instructions, then captions)
 3. train: RoAd4 (+ projector) training with ``deepspeed`` on 2 CPU processes — exactly the training recipe, with
    configs/demo.yaml
 4. eval: the base and the tuned model on the four synthetic benchmarks; before/after table and chart
@@ -29,6 +31,7 @@ from typing import Any
 
 from road_vlm.data.template import SYSTEM_V1
 from road_vlm.demo.report import before_after_chart, before_after_table, headline, pope_balance
+from road_vlm.demo.shipped_base import SHIPPED_BASE, read_manifest, verify_shipped_base
 
 STAGES = ("data", "base", "train", "eval", "chat")
 STAGES_FILE = "stages.json"  # per stage: the settings it was built with and how long it took
@@ -46,18 +49,28 @@ class DemoSettings:
     text_steps: int = 2500
     caption_steps: int = 1500
     num_processes: int = 2
+    # Threads per training process (None: the cores shared out between the processes). Another thread count
+    # changes the order of floating-point sums, the stand-in for another CPU's arithmetic.
+    threads_per_process: int | None = None
+    # False: the shipped base (road_vlm/demo/assets/base); True: pretrain one from scratch with the settings below.
+    rebuild_base: bool = False
     train_overrides: tuple[str, ...] = ()
     eval_batch_size: int = 16
     # The tiny base: big enough for RoAd4 (+ projector) to learn the synthetic tasks in a few CPU minutes.
     base: dict[str, int] = field(default_factory=lambda: {"hidden_size": 128, "num_layers": 4, "vision_layers": 3,
                                                           "image_size": 48})
 
+    def base_settings(self) -> dict[str, Any]:
+        """What a rebuilt base depends on (the shipped base's manifest records them)."""
+        return {"text_steps": self.text_steps, "caption_steps": self.caption_steps, "base": self.base}
+
     def stage_settings(self) -> dict[str, dict[str, Any]]:
         """What each stage depends on, beyond the stages before it."""
         return {
             "data": {"num_train": self.num_train, "num_eval": self.num_eval},
-            "base": {"text_steps": self.text_steps, "caption_steps": self.caption_steps, "base": self.base},
-            "train": {"num_processes": self.num_processes, "overrides": list(self.train_overrides),
+            "base": self.base_settings() if self.rebuild_base else {"shipped": read_manifest()["files"]},
+            "train": {"num_processes": self.num_processes, "threads_per_process": self.threads_per_process,
+                      "overrides": list(self.train_overrides),
                       "config": _config_path().read_text()},
             "eval": {"batch_size": self.eval_batch_size},
             "chat": {"question": CHAT_QUESTION},
@@ -112,7 +125,13 @@ def prepare_data(work: Workdir, settings: DemoSettings) -> dict[str, Any]:
 
 
 def prepare_base(work: Workdir, settings: DemoSettings) -> dict[str, Any]:
-    """The tiny base in HF format, built and pretrained."""
+    """The tiny base in HF format: the shipped one (checked against its manifest), or built and pretrained."""
+    if not settings.rebuild_base:
+        manifest = verify_shipped_base(SHIPPED_BASE)
+        shutil.copytree(SHIPPED_BASE, work.base)
+        print(f"   the shipped base ({SHIPPED_BASE}), built {manifest['date']} from {manifest['code_version']}; "
+              "`road-vlm demo --rebuild-base` builds one from scratch", flush=True)
+        return {"base": str(work.base), "shipped": True}
     from road_vlm.demo.synthetic import tokenizer_corpus
     from road_vlm.demo.tiny_base import build_tiny_llava, pretrain_tiny_llava
 
@@ -121,7 +140,7 @@ def prepare_base(work: Workdir, settings: DemoSettings) -> dict[str, Any]:
     pretrain_tiny_llava(init, work.train_data / "pretrain_text.json", work.train_data / "pretrain.json", work.base,
                         text_steps=settings.text_steps, caption_steps=settings.caption_steps)
     shutil.rmtree(init)
-    return {"base": str(work.base)}
+    return {"base": str(work.base), "shipped": False}
 
 
 def train_adapter(work: Workdir, settings: DemoSettings) -> dict[str, Any]:
@@ -132,6 +151,8 @@ def train_adapter(work: Workdir, settings: DemoSettings) -> dict[str, Any]:
                  f"output.dir={work.run}", *settings.train_overrides]
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
+    if settings.threads_per_process is not None:
+        env["OMP_NUM_THREADS"] = str(settings.threads_per_process)
     if settings.num_processes > 1:
         cmd = launcher_command(str(_config_path()), overrides, num_processes=settings.num_processes)
     else:
