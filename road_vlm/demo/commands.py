@@ -10,10 +10,14 @@ from road_vlm.demo import pipeline
 
 
 def _command(args: argparse.Namespace) -> int:
-    settings = pipeline.DemoSettings(num_processes=args.num_processes, text_steps=args.text_steps,
-                                     caption_steps=args.caption_steps, num_eval=args.num_eval,
+    steps = {key: value for key, value in (("text_steps", args.text_steps), ("caption_steps", args.caption_steps))
+             if value is not None}
+    if steps and not args.rebuild_base:
+        args.parser.error("--text-steps and --caption-steps set how a base is pretrained: they need --rebuild-base "
+                          "(the shipped base is used as it is)")
+    settings = pipeline.DemoSettings(num_processes=args.num_processes, num_eval=args.num_eval,
                                      rebuild_base=args.rebuild_base, threads_per_process=args.threads_per_process,
-                                     train_overrides=tuple(args.overrides))
+                                     train_overrides=tuple(args.overrides), **steps)
     pipeline.run_demo(Path(args.workdir).expanduser(), settings, fresh=args.fresh, until=args.until)
     return 0
 
@@ -36,14 +40,15 @@ def register(subparsers: Any) -> None:
                         help="torch threads of each training process (default: the cores shared out)")
     parser.add_argument("--rebuild-base", action="store_true",
                         help="pretrain the tiny base from scratch (a few minutes) instead of using the one shipped "
-                             "in road_vlm/demo/assets/base; --text-steps and --caption-steps apply only then")
-    parser.add_argument("--text-steps", type=int, default=defaults.text_steps,
-                        help="steps of the tiny base's language-model pretraining on text (default: %(default)s)")
-    parser.add_argument("--caption-steps", type=int, default=defaults.caption_steps,
-                        help="steps of the tiny base's vision + projector alignment on captions "
-                             "(default: %(default)s)")
+                             "in road_vlm/demo/assets/base")
+    parser.add_argument("--text-steps", type=int, default=None,
+                        help=f"with --rebuild-base: steps of the tiny base's language-model pretraining on text "
+                             f"(default: {defaults.text_steps})")
+    parser.add_argument("--caption-steps", type=int, default=None,
+                        help=f"with --rebuild-base: steps of the tiny base's vision + projector alignment on "
+                             f"captions (default: {defaults.caption_steps})")
     parser.add_argument("--num-eval", type=int, default=defaults.num_eval,
                         help="questions per benchmark (POPE: per category; default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="training config overrides, e.g. train.max_steps=100")
-    parser.set_defaults(func=_command)
+    parser.set_defaults(func=_command, parser=parser)

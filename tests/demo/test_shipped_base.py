@@ -63,3 +63,11 @@ def test_the_demo_uses_the_shipped_base_unless_told_to_rebuild(tmp_path: Path):
     manifest = ship_base(work.base, settings, tmp_path / "shipped-again")
     assert verify_shipped_base(tmp_path / "shipped-again") == manifest
     assert manifest["settings"]["base"]["text_steps"] == 2
+
+
+def test_pretraining_steps_without_rebuild_base_are_refused_not_ignored(capsys):
+    from road_vlm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--text-steps", "5"])
+    assert exit_info.value.code == 2 and "need --rebuild-base" in capsys.readouterr().err
