@@ -45,8 +45,10 @@ from road_vlm.data.sampler import (
     steps_per_epoch,
 )
 from road_vlm.data.template import IGNORE_INDEX
+from road_vlm.quantization import Quantization, prepare_kbit_training
 from road_vlm.train.checkpoint import (
     TMP_PREFIX,
+    exclude_quantized_state,
     TrainerState,
     list_checkpoints,
     load_checkpoint,
@@ -86,6 +88,10 @@ def _model_dtype(config: TrainingConfig) -> str:
     if config.train.fp16:
         return "float16"
     return "float32"
+
+
+def model_quantization(config: TrainingConfig) -> Quantization:
+    return Quantization(config.model.quantization, config.model.double_quant)
 
 
 def _first_error(dist: DistInfo, fn, *args, **kwargs):
@@ -132,8 +138,13 @@ def load_model_with_adapter(config: TrainingConfig, device: str | torch.device =
 
     model_config = (AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=False)
                     if zero3_config is not None else None)
+    quantization = model_quantization(config)
     with zero3_partitioned_loading(zero3_config, model_config):
-        model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config))
+        model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config),
+                                     quantization=quantization)
+    if quantization.enabled:
+        prepare_kbit_training(model)
+        exclude_quantized_state(model)
     model.config.use_cache = False
     try:
         add_adapter(model, config.adapter, name=ADAPTER_NAME)
@@ -464,6 +475,7 @@ def finish(run: TrainingRun) -> dict[str, Any]:
         reload_check = verify_saved_adapter(
             engine=run.engine, dataset=run.dataset, collator=run.collator, checkpoint=final,
             base_model=config.model.name_or_path, dtype=_model_dtype(config), pixel_dtype=run.pixel_dtype,
+            quantization=model_quantization(config),
             output_dir=output_dir, dist=dist,
         )
         if dist.is_main:
