@@ -130,7 +130,8 @@ def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
     """Replace the quantized linears by plain ``nn.Linear`` layers holding the dequantized weights in ``dtype``
     (transformers' ``dequantize``), so the model can be merged and saved as an ordinary checkpoint."""
     if not quantized_linears(model):
-        raise QuantizationError("the model has no quantized layer to dequantize")
+        raise QuantizationError("dequantize: the base was not loaded quantized (the adapter records no quantized "
+                                "base); give the quantization it was trained on (--quantization nf4|fp4|int8)")
     model.dequantize(dtype=dtype)
     leftover = quantized_linears(model)
     if leftover:

@@ -14,8 +14,8 @@ from typing import Iterator, Optional, Sequence
 
 from torch import nn
 
-from .config import AdapterConfig, AdapterConfigError, variant_adapts_layers, variant_has_road
 from .bnb import adapted_linear
+from .config import AdapterConfig, AdapterConfigError, variant_adapts_layers, variant_has_road
 from .layer import AdaptedLinear, AdapterStateError
 
 _LM_PATHS = ("model.language_model", "language_model")

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .bnb import BASE_DOUBLE_QUANT_KEY, BASE_QUANTIZATION_KEY, base_quantization_metadata
 from .config import (
     FROM_PEFT_VARIANT,
     PEFT_VARIANT,
@@ -45,7 +46,6 @@ from .config import (
     variant_has_lora,
     variant_has_road,
 )
-from .bnb import BASE_DOUBLE_QUANT_KEY, BASE_QUANTIZATION_KEY, base_quantization_metadata
 from .inject import (
     attach_adapter,
     peft_target_regex,

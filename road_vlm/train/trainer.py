@@ -48,8 +48,8 @@ from road_vlm.data.template import IGNORE_INDEX
 from road_vlm.quantization import Quantization, prepare_kbit_training
 from road_vlm.train.checkpoint import (
     TMP_PREFIX,
-    exclude_quantized_state,
     TrainerState,
+    exclude_quantized_state,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
@@ -88,10 +88,6 @@ def _model_dtype(config: TrainingConfig) -> str:
     if config.train.fp16:
         return "float16"
     return "float32"
-
-
-def model_quantization(config: TrainingConfig) -> Quantization:
-    return Quantization(config.model.quantization, config.model.double_quant)
 
 
 def _first_error(dist: DistInfo, fn, *args, **kwargs):
@@ -138,7 +134,7 @@ def load_model_with_adapter(config: TrainingConfig, device: str | torch.device =
 
     model_config = (AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=False)
                     if zero3_config is not None else None)
-    quantization = model_quantization(config)
+    quantization = Quantization(config.model.quantization, config.model.double_quant)
     with zero3_partitioned_loading(zero3_config, model_config):
         model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config),
                                      quantization=quantization)
@@ -475,7 +471,6 @@ def finish(run: TrainingRun) -> dict[str, Any]:
         reload_check = verify_saved_adapter(
             engine=run.engine, dataset=run.dataset, collator=run.collator, checkpoint=final,
             base_model=config.model.name_or_path, dtype=_model_dtype(config), pixel_dtype=run.pixel_dtype,
-            quantization=model_quantization(config),
             output_dir=output_dir, dist=dist,
         )
         if dist.is_main:

@@ -33,7 +33,7 @@ def _logits(model: Any, batch: dict[str, Any], device: torch.device, pixel_dtype
 
 def verify_saved_adapter(
     *, engine: Any, dataset: Any, collator: Any, checkpoint: Path, base_model: str, dtype: str,
-    pixel_dtype: torch.dtype, output_dir: Path, dist: DistInfo, quantization: Any = None,
+    pixel_dtype: torch.dtype, output_dir: Path, dist: DistInfo,
 ) -> dict[str, Any]:
     """Collective (ZeRO-3 forward). Writes both logits to ``reload_check.safetensors``; returns the max |diff|."""
     from road_vlm.model import load_vlm
@@ -47,8 +47,8 @@ def verify_saved_adapter(
         engine.module.train()
     result = None
     if dist.is_main:
-        reloaded_model = load_vlm(base_model, checkpoint, device=dist.device, dtype=dtype,
-                                  quantization=quantization).model
+        # A quantized base comes back quantized: load_vlm reads it from the saved adapter.
+        reloaded_model = load_vlm(base_model, checkpoint, device=dist.device, dtype=dtype).model
         reloaded = _logits(reloaded_model, batch, dist.device, pixel_dtype)
         del reloaded_model
         diff = float((trained - reloaded).abs().max())
