@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import torch
 
 from road_vlm.data.template import PromptFormat
+from road_vlm.quantization import Quantization, check_quantized
+from road_vlm.quantization import dequantize as dequantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +74,37 @@ def contiguous_lm_head_input(model: Any) -> Any:
     return model
 
 
+def recorded_quantization(*adapters: str | Path) -> Quantization | None:
+    """The quantized base the adapters were trained on (recorded in their weights files), None when none was;
+    adapters trained on different bases are an error (they must share one base)."""
+    from road_vlm.adapters.io import read_base_quantization
+
+    found = {Path(a): read_base_quantization(a) for a in adapters}
+    kinds = set(found.values())
+    if len(kinds) > 1:
+        listed = ", ".join(f"{a}: {q[0] if q else 'none'}" for a, q in found.items())
+        raise ValueError(f"the adapters were trained on differently quantized bases ({listed}); pass --quantization")
+    recorded = kinds.pop() if kinds else None
+    return None if recorded is None else Quantization(*recorded)
+
+
 def load_base(
     model: str | Path,
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     local_files_only: bool | None = None,
+    quantization: str | Quantization | None = None,
 ) -> tuple[Any, Any]:
-    """Load a ``LlavaForConditionalGeneration`` and its processor (no adapter)."""
+    """Load a ``LlavaForConditionalGeneration`` and its processor (no adapter).
+
+    ``quantization`` (``road_vlm.quantization``): none | nf4 | fp4 | int8 for the language model's linears; the
+    4-bit layers compute in ``dtype``, and the rest of the model stays in it.
+    """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     torch_dtype = resolve_dtype(dtype, device)
+    quant = Quantization.of(quantization)
     source = str(model)
     is_local = Path(source).exists()
     if is_local and not (Path(source) / "config.json").is_file():
@@ -91,10 +113,15 @@ def load_base(
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     processor = AutoProcessor.from_pretrained(source, **kwargs)
+    if quant.enabled:
+        # bitsandbytes quantizes while loading onto the target device; a quantized model cannot be moved after.
+        kwargs.update(quantization_config=quant.bnb_config(torch_dtype), device_map={"": torch.device(device)})
     vlm = LlavaForConditionalGeneration.from_pretrained(
         source, dtype=torch_dtype, use_safetensors=True, **kwargs
     )
-    vlm.to(device)
+    check_quantized(vlm, quant, source)
+    if not quant.enabled:
+        vlm.to(device)
     vlm.eval()
     contiguous_lm_head_input(vlm)
     # Batched generation pads on the left so that every row's last token is a real one.
@@ -110,14 +137,23 @@ def load_vlm(
     dtype: str | torch.dtype | None = None,
     adapter_name: str = "default",
     merge: bool = False,
+    quantization: str | Quantization | None = None,
+    dequantize: bool = False,
 ) -> LoadedVLM:
     """Base checkpoint + processor + optional adapter (and its trained projector), ready for generation.
 
+    ``quantization``: the base's (``load_base``); None = the one the adapter was trained on (recorded in its
+    weights file), else none. ``dequantize=True`` loads the quantized base and dequantizes it to ``dtype``
+    before the adapter is added, the way to merge an adapter trained on a quantized base.
     ``merge=True`` folds the adapter into the base weights (no per-token overhead; one adapter only).
     """
     from road_vlm.adapters import load_adapter, merge_adapter
 
-    vlm, processor = load_base(model, device=device, dtype=dtype)
+    if quantization is None and adapter is not None:
+        quantization = recorded_quantization(adapter)
+    vlm, processor = load_base(model, device=device, dtype=dtype, quantization=quantization)
+    if dequantize:
+        dequantize_linears(vlm, resolve_dtype(dtype, device))
     prompt_format = PromptFormat()
     if adapter is not None:
         adapter_dir = Path(adapter)

@@ -9,7 +9,8 @@ Each configuration is a real `deepspeed --num_gpus 2 scripts/train.py` run of co
 DS_ACCELERATOR=cpu) on a random model with 7B-like widths; rank 0 reports its peak RSS right after loading the
 base and at the end (summary.json). ZeRO-3 loads the base inside zero.Init, so each rank should hold about half.
 The estimate part counts model states per GPU for RoAd4 (frozen bf16 base; fp32 master, Adam moments and bf16
-copy of the trainable parameters), next to DeepSpeed's own estimator for a *full* finetune of the same sizes.
+copy of the trainable parameters), next to DeepSpeed's own estimator for a *full* finetune of the same sizes, and
+one GPU's model states + activations for a bf16, int8 and NF4 base at batch 16 x 2048 with gradient checkpointing.
 Prints one JSON object.
 """
 
@@ -33,6 +34,15 @@ SIZES = {
     "llava-1.5-7b": {"total": 7_063_427_072, "largest_layer": 32_064 * 4096, "trainable": 5_439_488 + 20_979_712},
     "llava-1.5-13b": {"total": 13_350_839_296, "largest_layer": 32_064 * 5120, "trainable": 8_519_680 + 31_467_520},
 }
+# The language model's shape (Vicuna-7B/13B): what a quantized base quantizes (its linears) and what activations
+# scale with.
+SHAPES = {
+    "llava-1.5-7b": {"layers": 32, "hidden": 4096, "intermediate": 11008, "vocab": 32_064},
+    "llava-1.5-13b": {"layers": 40, "hidden": 5120, "intermediate": 13824, "vocab": 32_064},
+}
+# Bytes per quantized weight: int8 (+ one fp32 scale per row, negligible); NF4 with double quantization: 4 bits +
+# one 8-bit block scale per 64 weights + one fp32 per 256 blocks (QLoRA's 0.127 bit overhead).
+BASE_BYTES = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 
 
 def _run(model: Path, data: Path, out: Path, zero: str) -> dict:
@@ -80,6 +90,31 @@ def estimate(total: int, trainable: int, largest_layer: int, gpus: int = 8) -> d
     return out
 
 
+def single_gpu_estimate(name: str, base: str, *, micro_batch: int, seq: int = 2048, budget_gib: float = 24.0) -> dict:
+    """One GPU, RoAd4 + projector, gradient checkpointing, bf16 compute: model states + activations (GiB).
+
+    Quantized: the language model's linears (``road_vlm.quantization``); the vision tower, projector, embeddings
+    and lm_head stay bf16. Activations: the checkpointed input of every decoder layer (``residual_bytes`` each:
+    4 with the k-bit preparation's fp32 norms, which make the residual stream fp32, 2 without), one layer's
+    recomputed MLP (3 bf16 [tokens, intermediate] tensors) and the logits (bf16 + the fp32 copy of the loss).
+    """
+    size, shape = SIZES[name], SHAPES[name]
+    linears = shape["layers"] * (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"])
+    frozen = BASE_BYTES[base] * linears + 2 * (size["total"] - linears - size["trainable"])
+    states = frozen + 16 * size["trainable"]
+    residual_bytes = 2 if base == "bf16" else 4
+    tokens = micro_batch * seq
+
+    def activations(tokens: int) -> float:
+        return tokens * (shape["layers"] * shape["hidden"] * residual_bytes + 3 * 2 * shape["intermediate"]
+                         + 6 * shape["vocab"])
+
+    fits = [b for b in (16, 8, 4, 2, 1) if states + activations(b * seq) <= budget_gib * GIB]
+    return {"model_states_gib": round(states / GIB, 2), "activations_gib": round(activations(tokens) / GIB, 2),
+            "total_gib": round((states + activations(tokens)) / GIB, 2),
+            f"largest_micro_batch_within_{budget_gib:g}_gib": fits[0] if fits else 0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, to check the script runs")
@@ -103,6 +138,8 @@ def main() -> None:
         report["zero3_over_zero2_rss_after_load"] = round(runs["zero3"]["rank0_peak_rss_after_load_gib"]
                                                           / runs["zero2"]["rank0_peak_rss_after_load_gib"], 3)
     report["estimate_8_gpus_road4"] = {name: estimate(**size) for name, size in SIZES.items()}
+    report["estimate_1_gpu_road4_batch16x2048_gc"] = {
+        name: {base: single_gpu_estimate(name, base, micro_batch=16) for base in BASE_BYTES} for name in SIZES}
     print(json.dumps(report, indent=2))
 
 

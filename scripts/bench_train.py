@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Benchmark one optimizer step (forward + backward + AdamW) per adapter method on the same LLaVA model.
 
-Methods: road_vlm RoAd4, road_vlm RoAd1+LoRA (r=16, the hybrid recipe), road_vlm LoRA r=128 (LLaVA's recipe) and
-PEFT's RoAd4 tuner. Each method runs in a fresh subprocess so peak memory is its own.
+Methods: road_vlm RoAd4, road_vlm RoAd1+LoRA (r=16, the hybrid recipe), road_vlm LoRA r=128 (LLaVA's recipe),
+PEFT's RoAd4 tuner, and road_vlm RoAd4 on an NF4 base (road4_nf4: the language model's linears in 4 bits, loaded
+through road_vlm's loader from a saved copy of the random model; the 7b preset writes ~14 GB to a temp dir).
+Each method runs in a fresh subprocess so peak memory is its own.
 
     python scripts/bench_train.py                       # tiny model on CPU (fp32)
     python scripts/bench_train.py --preset 7b           # LLaVA-1.5-7B shapes, random weights, bf16, needs a GPU
@@ -24,22 +26,37 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("road4", "road1_lora", "lora_r128", "peft_road4")
+METHODS = ("road4", "road1_lora", "lora_r128", "peft_road4", "road4_nf4")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _build_model(preset: str, device: str, dtype, num_layers: int | None = None):
+def _build_model(preset: str, device: str, dtype, num_layers: int | None = None, quantization: str = "none"):
     """(model, image_token_id, num_image_tokens, image_size)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    from road_vlm.model import load_base
+
     if preset == "tiny":
-        from road_vlm.model import load_base
         from road_vlm.demo.tiny_base import build_tiny_llava
 
         path = build_tiny_llava(Path(tempfile.gettempdir()) / "road_vlm_bench_tiny")
-        model, _ = load_base(path, device=device, dtype=dtype)
+        model, _ = load_base(path, device=device, dtype=dtype, quantization=quantization)
         return model, model.config.image_token_id, 16, 32
+    if quantization != "none":  # bitsandbytes quantizes while loading: save the random model, load it quantized
+        model, *rest = _build_model(preset, "cpu", dtype, num_layers)
+        with tempfile.TemporaryDirectory(prefix="road_vlm_bench_base_") as tmp:
+            model.save_pretrained(tmp)
+            del model
+            # load_base loads a processor too; the bench feeds ids and pixels itself, so the tiny one serves.
+            from road_vlm.demo.tiny_base import build_tiny_llava
+            from transformers import AutoProcessor
+
+            tiny = build_tiny_llava(Path(tempfile.gettempdir()) / "road_vlm_bench_tiny")
+            AutoProcessor.from_pretrained(tiny).save_pretrained(tmp)
+            model, _ = load_base(tmp, device=device, dtype=dtype, quantization=quantization)
+        model.config.use_cache = False
+        return (model, *rest)
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 + 2-layer GELU projector + Vicuna-7B (llava-hf/llava-1.5-7b-hf shapes).
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768)
@@ -84,8 +101,9 @@ def run_one(args: argparse.Namespace) -> dict:
         raise SystemExit("--preset 7b needs a CUDA GPU")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    model, image_token_id, n_img, size = _build_model(args.preset, device, dtype, args.num_layers)
-    model = _attach(model, args.method)
+    quantization = "nf4" if args.method.endswith("_nf4") else "none"
+    model, image_token_id, n_img, size = _build_model(args.preset, device, dtype, args.num_layers, quantization)
+    model = _attach(model, args.method.removesuffix("_nf4"))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -74,3 +74,15 @@ def test_bench_adapter_switch_quick_reports_the_cost_of_a_row_set_change():
     report = _run("scripts/bench_adapter_switch.py", "--quick")
     assert report["adapted_layers"] == 4 * 7 and report["adapters_in_batch"] == 2
     assert report["enter_exit_ms"] > 0 and report["forward_ms"] > 0
+
+
+def test_single_gpu_estimate_ranks_the_bases_and_finds_a_micro_batch_for_13b_nf4():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "scripts" / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {base: bench.single_gpu_estimate("llava-1.5-13b", base, micro_batch=16) for base in ("bf16", "int8", "nf4")}
+    assert rows["nf4"]["model_states_gib"] < rows["int8"]["model_states_gib"] < rows["bf16"]["model_states_gib"]
+    assert rows["bf16"]["model_states_gib"] > 24  # 13B's frozen bf16 weights alone overflow a 24 GB card
+    assert rows["nf4"]["largest_micro_batch_within_24_gib"] >= 1

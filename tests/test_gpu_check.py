@@ -26,7 +26,8 @@ def test_gpu_check_dry_run_runs_every_stage_and_writes_the_report(tmp_path: Path
     assert {name: stage["ok"] for name, stage in report["stages"].items()} == {
         "environment": True, "cuda-tests": True, "adapters": True, "train": True, "serving": True}
     assert report["stages"]["adapters"]["result"]["forward"]
-    assert report["stages"]["train"]["result"]["results"][0]["method"] == "road4"
+    assert [row["method"] for row in report["stages"]["train"]["result"]["results"]] == ["road4", "road4_nf4"]
+    assert not any("error" in row for row in report["stages"]["train"]["result"]["results"])
     assert report["stages"]["serving"]["result"]["tokens_per_s"]["road_vlm_road4"]
     markdown = report_file.with_suffix(".md").read_text()
     assert "## Adapter layer forward" in markdown and "## Generation throughput" in markdown

@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Sequence
 
 from torch import nn
 
+from .bnb import adapted_linear
 from .config import AdapterConfig, AdapterConfigError, variant_adapts_layers, variant_has_road
 from .layer import AdaptedLinear, AdapterStateError
 
@@ -133,7 +134,7 @@ def _wrap(model: nn.Module, full_name: str, module: nn.Module) -> AdaptedLinear:
         return module
     parent_name, _, child = full_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    wrapper = AdaptedLinear(module, full_name)
+    wrapper = adapted_linear(module, full_name)
     wrapper.train(module.training)  # a new nn.Module starts in training mode; keep the model's mode (dropout!)
     setattr(parent, child, wrapper)
     return wrapper
@@ -255,9 +256,11 @@ def merge_adapter(model: nn.Module, name: str = "default") -> None:
         raise AdapterStateError(f"adapter {reg.merged!r} is already merged; unmerge it first")
     if reg.mixed:
         raise AdapterStateError("cannot merge inside per_sample_adapters")
-    for layer in adapted_layers(model).values():
-        if name in layer.specs:
-            layer.merge(name)
+    layers = [layer for layer in adapted_layers(model).values() if name in layer.specs]
+    for layer in layers:  # before any weight changes: a refusal leaves the model as it was
+        layer.check_mergeable(name)
+    for layer in layers:
+        layer.merge(name)
     reg.merged = name
     # The merged adapter is what the model computes now; record it as active so state reads consistently.
     reg.active = name
@@ -304,7 +307,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Ite
     try:
         index_cache: dict = {}
         for layer in layers:
-            layer.build_mixed_tables(list(names), dtype=layer.weight.dtype, index_cache=index_cache)
+            layer.build_mixed_tables(list(names), dtype=layer.table_dtype, index_cache=index_cache)
         yield
     finally:
         for layer in layers:

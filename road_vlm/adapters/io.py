@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .bnb import BASE_DOUBLE_QUANT_KEY, BASE_QUANTIZATION_KEY, base_quantization_metadata
 from .config import (
     FROM_PEFT_VARIANT,
     PEFT_VARIANT,
@@ -190,7 +191,8 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default"
     out = Path(path)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata=weights_metadata(config))
+        metadata = {**weights_metadata(config), **base_quantization_metadata(layers.values())}
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata=metadata)
         if proj_tensors:
             save_file(proj_tensors, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
         with open(out / CONFIG_FILE, "w") as f:
@@ -233,6 +235,21 @@ def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
                                    pair_layout=meta.get(PAIR_LAYOUT_KEY, "interleaved"))
     except AdapterConfigError as exc:
         raise AdapterFileError(f"{weights}: metadata {PAIR_SUBSET_KEY}: {exc}") from exc
+
+
+def read_base_quantization(path: Union[str, Path]) -> Optional[tuple[str, bool]]:
+    """``(method, double_quant)`` of the quantized base an adapter was saved on (``bnb.py``), None when it was
+    saved on an unquantized base or by another tool."""
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        return None  # load_adapter reports the missing file
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise AdapterFileError(f"{weights}: cannot read safetensors file: {exc}") from exc
+    method = meta.get(BASE_QUANTIZATION_KEY)
+    return None if method is None else (method, meta.get(BASE_DOUBLE_QUANT_KEY, "true") == "true")
 
 
 def read_base_name(path: Union[str, Path]) -> Optional[str]:

@@ -151,6 +151,11 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.bias
 
     @property
+    def table_dtype(self) -> torch.dtype:
+        """The dtype mixed-batch coefficient tables are built in: the layer's compute dtype."""
+        return self.base_layer.weight.dtype
+
+    @property
     def in_features(self) -> int:
         return self.base_layer.in_features
 
@@ -423,9 +428,13 @@ class AdaptedLinear(nn.Module):
             return weight, True
         return weight.to(work).contiguous(), False
 
+    def check_mergeable(self, name: str) -> None:
+        """Raise if adapter ``name`` cannot be folded into this layer's base weights (a quantized base: bnb.py)."""
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """Fold adapter ``name`` into the base weight/bias: W' = R (W0 + s B A), b' = R b (row-wise)."""
+        self.check_mergeable(name)
         if self.merged is not None:
             raise AdapterStateError(f"{self.module_name}: adapter {self.merged.name!r} is already merged")
         spec = self.specs[name]

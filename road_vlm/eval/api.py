@@ -117,8 +117,12 @@ def evaluate(
     world_size: int | None = None,
     progress: bool = True,
     max_new_tokens: int | None = None,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
     """Generate and score ``benchmarks`` for the base model or each adapter checkpoint.
+
+    ``quantization``: the base's (nf4/fp4/int8/none) for every row, the base row included; None = the one the
+    checkpoints were trained on.
 
     ``adapters``: None (base model), adapter dirs, training output dirs (all their checkpoint-*),
     or a list mixing them with None (a "base" row). Predictions go to
@@ -152,6 +156,10 @@ def evaluate(
                      for n, qs in questions.items()}
     work = {n: qs[:limit] for n, qs in questions.items()}
     rows = resolve_checkpoints(adapters)
+    if quantization is None:
+        from road_vlm.model import recorded_quantization
+
+        quantization = recorded_quantization(*(a for _, a in rows if a is not None))
     if device.startswith("cuda") and world_size > 1 and ":" not in device:
         device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -163,7 +171,7 @@ def evaluate(
                 if loaded is None and _needs_model(out_dir, questions[name], work[name], rank, world_size):
                     from road_vlm.model import load_vlm
 
-                    loaded = load_vlm(model, adapter, device=device, dtype=dtype)
+                    loaded = load_vlm(model, adapter, device=device, dtype=dtype, quantization=quantization)
                 run_benchmark(loaded, questions[name], out_dir, model_id=row_name, batch_size=batch_size,
                               rank=rank, world_size=world_size, progress=progress, desc=f"{row_name}/{name}",
                               limit=limit)

@@ -11,6 +11,7 @@ from pathlib import Path
 from road_vlm.eval.benchmarks import BENCHMARKS, HEADLINE, get_benchmark, parse_benchmarks
 from road_vlm.eval.common import EvalDataError
 from road_vlm.eval.predictions import read_predictions
+from road_vlm.quantization import METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=int, default=None, help="only the first N questions per benchmark (smoke test)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
+    ev.add_argument("--quantization", choices=METHODS, default=None,
+                    help="the base's language model in nf4/fp4/int8 (bitsandbytes) or none for every row "
+                         "(default: what the checkpoints were trained on)")
     for name, module in BENCHMARKS.items():
         ev.add_argument(f"--{name}-images", default=None, metavar="DIR",
                         help=f"{name} image folder, relative to --data-root (default {module.DEFAULT_IMAGE_DIR})")
@@ -59,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
         results = evaluate(args.model, adapters or None, parse_benchmarks(args.benchmarks), args.data_root, args.output,
                            batch_size=args.batch_size, limit=args.limit, device=args.device, dtype=args.dtype,
                            image_dirs=image_dirs, progress=not args.no_progress,
-                           max_new_tokens=args.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens, quantization=args.quantization)
     except (EvalDataError, FileNotFoundError, ValueError) as err:
         print(f"road-vlm eval: error: {err}", file=sys.stderr)
         return 2

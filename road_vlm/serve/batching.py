@@ -41,7 +41,7 @@ from torch import nn
 
 from road_vlm.adapters.compose import COMPOSED_SEPARATOR, CompositionError
 from road_vlm.data.template import PromptFormat
-from road_vlm.model import LoadedVLM, load_vlm
+from road_vlm.model import LoadedVLM, load_vlm, recorded_quantization
 
 from road_vlm.generation import DecodeBatch, GenerationRequest, GenerationResult, PreparedPrompt, prepare_prompt
 from road_vlm.generation.decode import Finished
@@ -204,8 +204,11 @@ class ServingEngine:
         device: str = "cpu",
         dtype: str | torch.dtype | None = None,
         base_name: str | None = None,
+        quantization: str | None = None,
     ) -> ServingEngine:
-        """Load the base through ``load_vlm`` and every ``name -> directory`` adapter through the adapter engine."""
+        """Load the base through ``load_vlm`` and every ``name -> directory`` adapter through the adapter engine.
+
+        ``quantization``: the base's; None = the one the adapters were trained on (``recorded_quantization``)."""
         from road_vlm.adapters import load_adapter
         from road_vlm.adapters.inject import projector
 
@@ -215,7 +218,9 @@ class ServingEngine:
             raise AdapterLoadError(
                 f"adapter name {base_name!r} is also the base model's name; rename the adapter or pass base_name"
             )
-        loaded = load_vlm(model, device=device, dtype=dtype)
+        if quantization is None:
+            quantization = recorded_quantization(*adapters.values())
+        loaded = load_vlm(model, device=device, dtype=dtype, quantization=quantization)
         prompt_formats: dict[str, PromptFormat] = {}
         projectors: dict[str, nn.Module] = {}
         prefix, base_projector = projector(loaded.model)

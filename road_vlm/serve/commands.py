@@ -31,6 +31,15 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None,
                         help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
+    _add_quantization(parser)
+
+
+def _add_quantization(parser: argparse.ArgumentParser) -> None:
+    from road_vlm.quantization import METHODS
+
+    parser.add_argument("--quantization", choices=METHODS, default=None,
+                        help="load the base's language model in 4-bit (nf4/fp4) or 8-bit (int8) with bitsandbytes "
+                             "(default: what the adapters were trained on, else none)")
 
 
 def _int_in(low: int, high: int | None = None):
@@ -126,6 +135,10 @@ def register(subparsers: Any) -> None:
     merge.add_argument("--adapter", required=True, metavar="DIR")
     merge.add_argument("--output", required=True, metavar="DIR")
     merge.add_argument("--dtype", default=None, help="weights dtype (default: the base checkpoint's)")
+    _add_quantization(merge)
+    merge.add_argument("--dequantize", action="store_true",
+                       help="for an adapter trained on a quantized base: load that base, dequantize it to --dtype, "
+                            "then merge (a quantized base cannot take the merge itself)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     merge.set_defaults(func=run_merge)
 
@@ -178,7 +191,8 @@ def run_chat(args: argparse.Namespace) -> int:
         return _error("chat", ValueError("--json needs --prompt (non-interactive mode)"))
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.max_new_tokens)
-        loaded = load_vlm(args.model, args.adapter, device=args.device, dtype=args.dtype, merge=args.merge)
+        loaded = load_vlm(args.model, args.adapter, device=args.device, dtype=args.dtype, merge=args.merge,
+                          quantization=args.quantization)
     except (SamplingError, AdapterFileError, AdapterConfigError, AdapterStateError, FileNotFoundError,
             ValueError) as err:
         return _error("chat", err)
@@ -201,7 +215,8 @@ def run_chat(args: argparse.Namespace) -> int:
 def _load_engine(args: argparse.Namespace, adapters: dict[str, str]) -> Any:
     from .batching import ServingEngine
 
-    return ServingEngine.load(args.model, adapters, device=args.device, dtype=args.dtype, base_name=args.base_name)
+    return ServingEngine.load(args.model, adapters, device=args.device, dtype=args.dtype, base_name=args.base_name,
+                              quantization=args.quantization)
 
 
 def _adapters_from(args: argparse.Namespace) -> dict[str, str]:
@@ -273,7 +288,8 @@ def run_merge(args: argparse.Namespace) -> int:
     from .export import merge_checkpoint
 
     try:
-        out = merge_checkpoint(args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
+        out = merge_checkpoint(args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                               quantization=args.quantization, dequantize=args.dequantize)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         return _error("merge", err)
     print(f"merged checkpoint written to {out}")

@@ -55,10 +55,14 @@ def merge_checkpoint(
     *,
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
+    quantization: str | None = None,
+    dequantize: bool = False,
 ) -> Path:
     """Write base + ``adapter`` merged into one standalone HF checkpoint at ``output``; returns ``output``.
 
-    ``dtype`` defaults to the precision the base checkpoint was saved in (fp32 if unknown).
+    ``dtype`` defaults to the precision the base checkpoint was saved in (fp32 if unknown). An adapter trained on
+    a quantized base (``quantization``, by default the one it records) merges only with ``dequantize=True``: the
+    base is loaded quantized, as in training, then dequantized to ``dtype`` and merged there.
     """
     output = Path(output)
     adapter = Path(adapter)
@@ -66,7 +70,8 @@ def merge_checkpoint(
     try:
         from road_vlm.adapters import adapted_layers, unload_adapters
 
-        loaded = load_vlm(model, adapter, dtype=dtype or _checkpoint_dtype(model), merge=True)
+        loaded = load_vlm(model, adapter, dtype=dtype or _checkpoint_dtype(model), merge=True,
+                          quantization=quantization, dequantize=dequantize)
         if not adapted_layers(loaded.model):
             raise ExportError(f"{adapter}: the adapter adapted no layer; nothing to merge")
         unload_adapters(loaded.model)  # plain nn.Linear layers holding the merged weights: standard HF keys

@@ -37,6 +37,8 @@ class ModelConfig:
 
     name_or_path: str = ""  # HF LLaVA checkpoint dir or hub id (required)
     dtype: str = "auto"  # auto -> bf16/fp16 when train.bf16/fp16, else fp32; or float32|bfloat16|float16
+    quantization: str = "none"  # none | nf4 | fp4 | int8: the language model's linears (road_vlm.quantization)
+    double_quant: bool = True  # nf4/fp4: also quantize the per-block scales (QLoRA's double quantization)
 
 
 @dataclass
@@ -136,6 +138,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "output.report_to": ("tensorboard", "wandb", "none"),
     "model.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+    "model.quantization": ("none", "nf4", "fp4", "int8"),
 }
 _REQUIRED = ("model.name_or_path", "data.path", "output.dir")
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from road_vlm.quantization import FP32_NORMS
 from road_vlm.train.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,16 @@ def build_deepspeed_config(
     _fill(ds, "gradient_clipping", float(t.max_grad_norm))
 
     zero = ds.setdefault("zero_optimization", {})
+    if config.model.quantization != "none":
+        if zero_stage(ds) == 3:
+            raise DeepSpeedConfigError(
+                f"{source}: ZeRO-3 cannot train on a quantized base (model.quantization={config.model.quantization}):"
+                " DeepSpeed partitions parameters as floating-point tensors and does not support bitsandbytes' "
+                "packed 4/8-bit weights. Use ZeRO-2 (configs/deepspeed/zero2.json): the quantized base is small "
+                "enough to keep a full copy per GPU"
+            )
+        if t.bf16 or t.fp16:  # prepare_kbit_training put the norms in fp32: DeepSpeed must not cast them back
+            ds.setdefault("data_types", {}).setdefault("keep_in_fp32_modules", list(FP32_NORMS))
     if zero.get("overlap_comm") and not _cuda_available():
         # overlap_comm overlaps gradient reduction with backward on CUDA streams. On the CPU accelerator the
         # reductions become asynchronous gloo operations that can interleave with the trainer's own collectives;

@@ -45,9 +45,11 @@ from road_vlm.data.sampler import (
     steps_per_epoch,
 )
 from road_vlm.data.template import IGNORE_INDEX
+from road_vlm.quantization import Quantization, prepare_kbit_training
 from road_vlm.train.checkpoint import (
     TMP_PREFIX,
     TrainerState,
+    exclude_quantized_state,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
@@ -132,8 +134,13 @@ def load_model_with_adapter(config: TrainingConfig, device: str | torch.device =
 
     model_config = (AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=False)
                     if zero3_config is not None else None)
+    quantization = Quantization(config.model.quantization, config.model.double_quant)
     with zero3_partitioned_loading(zero3_config, model_config):
-        model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config))
+        model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config),
+                                     quantization=quantization)
+    if quantization.enabled:
+        prepare_kbit_training(model)
+        exclude_quantized_state(model)
     model.config.use_cache = False
     try:
         add_adapter(model, config.adapter, name=ADAPTER_NAME)

@@ -47,6 +47,7 @@ def verify_saved_adapter(
         engine.module.train()
     result = None
     if dist.is_main:
+        # A quantized base comes back quantized: load_vlm reads it from the saved adapter.
         reloaded_model = load_vlm(base_model, checkpoint, device=dist.device, dtype=dtype).model
         reloaded = _logits(reloaded_model, batch, dist.device, pixel_dtype)
         del reloaded_model
