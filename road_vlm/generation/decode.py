@@ -251,6 +251,8 @@ class DecodeBatch:
             else:
                 row.text.push(token)
                 row.sampler.record(token)
+                if row.request.on_token is not None:
+                    row.request.on_token(token)
                 row.last_token = token
                 if row.text.stopped:
                     row.finish = "stop"

@@ -114,6 +114,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     on_text: TextCallback | None = None  # called with each new piece of text, from the generating thread
     constraint: TokenConstraint | None = None  # e.g. a JSON grammar: which tokens may come next (one per row)
+    on_token: Callable[[int], None] | None = None  # called with each generated token id (metrics' timings)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set to stop this row early
 
 

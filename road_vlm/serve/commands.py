@@ -63,7 +63,9 @@ def _add_server(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("--max-queue", type=_int_in(1), default=64, help="waiting+running requests before 429")
     parser.add_argument("--batch-window-ms", type=float, default=20.0,
                         help="when idle, how long the batcher waits for more requests after the first one")
-    parser.add_argument("--max-tokens", type=_int_in(1), default=256, help="default max_tokens of a request")
+    parser.add_argument("--max-tokens", type=_int_in(1), default=None,
+                        help="max_tokens of a request that sends none (default: the rest of the context, at most "
+                             "--max-tokens-cap)")
     parser.add_argument("--max-tokens-cap", type=_int_in(1), default=2048,
                         help="largest max_tokens a request may ask for (larger: 400)")
     parser.add_argument("--max-image-bytes", type=_int_in(1), default=20 * 1024 * 1024,
@@ -225,7 +227,7 @@ def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
         api_key = _api_key(args)
         images = ImagePolicy(allow_local_images=args.allow_local_images, max_bytes=args.max_image_bytes,
                              max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes)
-        if args.max_tokens > args.max_tokens_cap:
+        if args.max_tokens is not None and args.max_tokens > args.max_tokens_cap:
             raise ValueError(f"--max-tokens {args.max_tokens} exceeds --max-tokens-cap {args.max_tokens_cap}")
         hosts = args.allowed_hosts or [*LOOPBACK_HOSTS, args.host]
         allowed_hosts = None if "*" in hosts else tuple(hosts)
