@@ -79,6 +79,11 @@ def _add_server(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                         help="Host header names served (default: localhost, 127.0.0.1, ::1 and --host); '*' = any, "
                         "only behind a proxy that checks them")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) image URLs (public addresses only, no redirects, --max-image-bytes, "
+                             "--image-url-timeout); off by default")
+    parser.add_argument("--image-url-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="time limit of one image URL fetch (default: %(default)s)")
     parser.add_argument("--allow-local-images", action="store_true",
                         help="accept local file paths as image URLs (only for trusted clients)")
     parser.add_argument("--api-key", default=None,
@@ -225,7 +230,8 @@ def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
 
     try:  # every setting is checked before the model loads
         api_key = _api_key(args)
-        images = ImagePolicy(allow_local_images=args.allow_local_images, max_bytes=args.max_image_bytes,
+        images = ImagePolicy(allow_local_images=args.allow_local_images, allow_image_urls=args.allow_image_urls,
+                             url_timeout_s=args.image_url_timeout, max_bytes=args.max_image_bytes,
                              max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes)
         if args.max_tokens is not None and args.max_tokens > args.max_tokens_cap:
             raise ValueError(f"--max-tokens {args.max_tokens} exceeds --max-tokens-cap {args.max_tokens_cap}")

@@ -21,6 +21,8 @@ from PIL import Image
 from road_vlm.data.images import ImageLoadError, load_image
 from road_vlm.data.template import IMAGE_TOKEN
 
+from .image_fetch import ImageFetchError, fetch_image_bytes
+
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.-]+)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL)
 
 
@@ -46,6 +48,8 @@ class ImagePolicy:
     """What the server accepts as an image: source, bytes, pixels, formats, and how many decode at once."""
 
     allow_local_images: bool = False
+    allow_image_urls: bool = False  # fetch http(s) image URLs (public addresses only: image_fetch.py)
+    url_timeout_s: float = 10.0
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     formats: tuple[str, ...] = ALLOWED_IMAGE_FORMATS
@@ -53,7 +57,7 @@ class ImagePolicy:
     _slots: threading.BoundedSemaphore = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_concurrent_decodes"):
+        for name in ("max_bytes", "max_pixels", "max_concurrent_decodes", "url_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         object.__setattr__(self, "_slots", threading.BoundedSemaphore(self.max_concurrent_decodes))
@@ -71,7 +75,8 @@ DEFAULT_IMAGE_POLICY = ImagePolicy()
 
 
 def decode_image_url(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
-    """A ``data:`` URL (base64) or, with ``allow_local_images``, a local path / ``file://`` URL -> RGB image."""
+    """A ``data:`` URL (base64), with ``allow_image_urls`` an http(s) URL, with ``allow_local_images`` a local
+    path / ``file://`` URL -> RGB image."""
     max_bytes = policy.max_bytes
     if not isinstance(url, str) or not url:
         raise BadImageError("image_url.url must be a non-empty string", param)
@@ -90,8 +95,14 @@ def decode_image_url(url: str, policy: ImagePolicy, *, param: str) -> Image.Imag
             raise BadImageError(f"image is larger than the server's limit of {max_bytes} bytes", param)
         return policy.load(raw, param)
     if url.startswith(("http://", "https://")):
-        raise BadImageError("remote image URLs are not fetched by this server; send the image as a "
-                            "data:image/...;base64 URL", param)
+        if not policy.allow_image_urls:
+            raise BadImageError("remote image URLs are not fetched by this server (start it with "
+                                "--allow-image-urls); send the image as a data:image/...;base64 URL", param)
+        try:
+            raw = fetch_image_bytes(url, max_bytes=max_bytes, timeout_s=policy.url_timeout_s)
+        except ImageFetchError as err:
+            raise BadImageError(f"cannot use the image URL: {err}", param) from err
+        return policy.load(raw, param)
     if not policy.allow_local_images:
         raise BadImageError("local image paths are disabled (start the server with --allow-local-images); "
                             "send the image as a data:image/...;base64 URL", param)
