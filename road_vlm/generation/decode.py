@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -230,19 +230,14 @@ class DecodeBatch:
         live = [i for i, row in enumerate(rows) if row.finish is None]
         if not live:
             return
-        rows = [rows[i] for i in live]
-        logits = logits.float()
-        if len(live) < logits.shape[0]:
-            logits = logits.index_select(0, torch.tensor(live, device=logits.device))
+        rows, logits = [rows[i] for i in live], logits[live].float()
         tokens = next_tokens([r.sampler for r in rows], logits)
         wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
         if wanted:
-            top = max(rows[i].request.sampling.logprobs or 0 for i in wanted)
-            index = torch.tensor(wanted, device=logits.device)
-            for i, entry in zip(wanted, token_logprobs(logits.index_select(0, index), [tokens[i] for i in wanted],
-                                                        top)):
-                count = rows[i].request.sampling.logprobs or 0
-                rows[i].logprobs.append(TokenLogprob(entry.token, entry.logprob, entry.top[:count]))
+            counts = [rows[i].request.sampling.logprobs or 0 for i in wanted]
+            entries = token_logprobs(logits[wanted], [tokens[i] for i in wanted], max(counts))
+            for i, count, entry in zip(wanted, counts, entries):
+                rows[i].logprobs.append(replace(entry, top=entry.top[:count]))
         for row, token in zip(rows, tokens):
             if row.request.cancelled.is_set():
                 row.finish = "cancelled"

@@ -3,6 +3,7 @@ per-row settings through HTTP, /v1/completions scoring, structured output, and t
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -115,7 +116,6 @@ def test_n_choices_are_rows_with_consecutive_seeds(api_server):
     with httpx.stream("POST", f"{api_server}/v1/chat/completions", timeout=120, json={
             "model": "road4", "messages": [{"role": "user", "content": "Describe the image briefly."}],
             "max_tokens": 8, "temperature": 1.5, "seed": 100, "n": 2, "stream": True}) as response:
-        import json
         events = [json.loads(line[6:]) for line in response.iter_lines()
                   if line.startswith("data: ") and line != "data: [DONE]"]
     streamed = ["".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"][0]["index"] == i)
@@ -150,8 +150,6 @@ def test_completions_echo_logprobs_score_the_prompt_as_the_model_does(api_server
 
 
 def test_response_format_constrains_every_row_and_a_bad_schema_is_a_400(api_server):
-    import json
-
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
               "required": ["answer", "sure"], "additionalProperties": False}
     body = _ok(_chat(api_server, max_tokens=40, temperature=1.0, seed=5, n=3, response_format={

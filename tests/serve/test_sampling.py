@@ -55,7 +55,7 @@ def _request(engine, question: str, **sampling) -> GenerationRequest:
     return GenerationRequest(prompt, sampling=SamplingParams(**{"max_new_tokens": 8, **sampling}))
 
 
-def _texts(results) -> list[tuple[list[int], str]]:
+def _tokens(results) -> list[tuple[list[int], str]]:
     return [(r.token_ids, r.finish_reason) for r in results]
 
 
@@ -75,7 +75,7 @@ def test_row_settings_do_not_leak_into_neighbours_in_a_mixed_batch(engine):
     model, tokenizer = engine.model, engine.processor.tokenizer
     alone = [generate_batch(model, tokenizer, [_request(engine, q, **s)])[0] for q, s in ROWS]
     mixed = generate_batch(model, tokenizer, [_request(engine, q, **s) for q, s in ROWS])
-    assert _texts(mixed[:-1]) == _texts(alone[:-1])
+    assert _tokens(mixed[:-1]) == _tokens(alone[:-1])
     assert mixed[3].token_ids == [5] * 8  # the bias owns its row ...
     assert alone[0].token_ids != [5] * 8  # ... and only its row
     assert 0 < mixed[6].completion_tokens <= 8
