@@ -137,10 +137,11 @@ def api_tokens_cap() -> int:
     return 64
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def api_server(engine, run_server, api_tokens_cap) -> Iterator[str]:
     """The OpenAI-compatible server on the shared engine (base "base", adapters road4, road1proj, lora), on a
-    loopback port."""
+    loopback port. Per module: a running server keeps the engine's adapter tables entered, so it must close
+    before another module builds its own app on the same engine."""
     from road_vlm.serve.server import create_app
 
     with run_server(create_app(engine, max_tokens_cap=api_tokens_cap, max_batch_size=8)) as url:
