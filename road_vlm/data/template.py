@@ -94,12 +94,13 @@ def _move_image_to_front(text: str) -> str:
     return IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
 
 
-def render_turns(turns: list[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
-    """Render (user, assistant) turns; assistant None marks the generation slot (must be last).
+def render_turns(turns: list[tuple[str, str | None]], system: str = SYSTEM_V1) -> tuple[str, list[tuple[int, int]]]:
+    """Render (user, assistant) turns; assistant None marks the generation slot (must be last). ``system`` fills
+    the template's system slot (an empty one leaves it out).
 
     Returns the prompt string and the character spans to supervise.
     """
-    text = SYSTEM_V1 + " "
+    text = system + " " if system else ""
     spans: list[tuple[int, int]] = []
     for i, (user, assistant) in enumerate(turns):
         text += f"{ROLES[0]}: {user} {ROLES[1]}:"
@@ -113,13 +114,14 @@ def render_turns(turns: list[tuple[str, str | None]]) -> tuple[str, list[tuple[i
     return text, spans
 
 
-def render_prompt(history: list[tuple[str, str]], question: str, *, has_image: bool) -> str:
-    """The generation prompt, ending with ``ASSISTANT:``; the image (if any) opens the first user turn."""
+def render_prompt(history: list[tuple[str, str]], question: str, *, has_image: bool, system: str | None = None) -> str:
+    """The generation prompt, ending with ``ASSISTANT:``; the image (if any) opens the first user turn; ``system``
+    replaces the template's system text (None keeps LLaVA-1.5's)."""
     turns: list[tuple[str, str | None]] = [(u, a) for u, a in history] + [(question, None)]
     if has_image:
         first_user = turns[0][0]
         turns[0] = (_move_image_to_front(first_user), turns[0][1])
-    text, _ = render_turns(turns)
+    text, _ = render_turns(turns, SYSTEM_V1 if system is None else system)
     return text
 
 
@@ -272,12 +274,14 @@ def encode_prompt(
     has_image: bool,
     num_image_tokens: int,
     image_token_id: int,
+    system: str | None = None,
 ) -> list[int]:
-    """Token ids of a generation prompt, built exactly as the training samples were."""
+    """Token ids of a generation prompt, built exactly as the training samples were (``system``: see
+    :func:`render_prompt`)."""
     _check_tokenizer(tokenizer)
     if IMAGE_TOKEN in question and (history or not has_image):
         raise ValueError("'<image>' may only appear in the first user message of a conversation with an image")
-    text = render_prompt(history, question, has_image=has_image)
+    text = render_prompt(history, question, has_image=has_image, system=system)
     ids, _ = _tokenize_with_images(
         tokenizer, text, num_image_tokens=num_image_tokens, image_token_id=image_token_id, spans=[]
     )

@@ -3,7 +3,8 @@ between decode steps and leave when done (iteration-level, "continuous" batching
 
 transformers' own continuous-batching manager takes token ids only (no ``pixel_values``), so it cannot serve
 LLaVA; this loop uses transformers' ``DynamicCache`` and the model's ordinary forward, and adds what serving
-RoAd needs: the adapter of each row (``per_sample_adapters``), per-row sampling and limits, and row admission:
+RoAd needs: the adapter of each row (``per_sample_adapters``), per-row sampling and limits (``sampling.py``),
+log-probabilities of the answer and (for scoring) of the prompt, and row admission:
 
 - ``admit`` prefills the newcomers as one left-padded forward of their own (the running rows wait for that one
   forward, not for whole answers), then left-pads the two caches to a common length and stacks them. Each row
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from road_vlm.generation.detokenize import IncrementalDetokenizer
-from road_vlm.generation.requests import GenerationRequest, GenerationResult
+from road_vlm.generation.requests import GenerationRequest, GenerationResult, TokenLogprob
+from road_vlm.generation.sampling import RowSampler, next_tokens, token_logprobs
 
 Finished = tuple[GenerationRequest, GenerationResult]
 PrefillContext = Callable[[Sequence[GenerationRequest]], contextlib.AbstractContextManager[Any]]
@@ -47,25 +49,6 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return {int(i) for i in ids}
 
 
-def sample_next(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float]) -> torch.Tensor:
-    """One next token per row: argmax for greedy rows (temperature 0), temperature + nucleus sampling otherwise."""
-    tokens = logits.argmax(dim=-1)
-    temps = torch.tensor(temperatures, dtype=torch.float32, device=logits.device)
-    sampled = (temps > 0).nonzero().squeeze(1)
-    if sampled.numel() == 0:
-        return tokens
-    top_p = torch.tensor(top_ps, dtype=torch.float32, device=logits.device)[sampled]
-    scaled = logits[sampled] / temps[sampled, None]
-    # Nucleus filtering: keep the smallest set of tokens whose probability mass reaches top_p (always >= 1).
-    sorted_scores, order = torch.sort(scaled, dim=-1, descending=True)
-    probs = sorted_scores.softmax(dim=-1)
-    remove_sorted = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    filtered = scaled.masked_fill(remove, float("-inf"))
-    tokens[sampled] = torch.multinomial(filtered.softmax(dim=-1), 1).squeeze(1)
-    return tokens
-
-
 @dataclass
 class _Row:
     request: GenerationRequest
@@ -73,13 +56,17 @@ class _Row:
     max_new: int  # the request's limit, capped by the context limit
     text: IncrementalDetokenizer
     cached: int  # real tokens of this row in the KV cache (= the next token's position)
+    sampler: RowSampler
     last_token: int = -1
     finish: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def result(self) -> GenerationResult:
         self.text.finish()
         return GenerationResult(text=self.text.text, token_ids=list(self.text.tokens),
-                                finish_reason=self.finish or "length", prompt_tokens=self.request.prompt.num_tokens)
+                                finish_reason=self.finish or "length", prompt_tokens=self.request.prompt.num_tokens,
+                                logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -171,17 +158,28 @@ class DecodeBatch:
 
         self._use_adapters([r.adapter for r in requests])
         cache = DynamicCache(config=self.model.config)
+        # Scoring a prompt needs the logits at every position; otherwise only the last one is computed.
+        scoring = any(r.sampling.prompt_logprobs is not None for r in requests)
         with self.prefill_context(requests) if self.prefill_context else contextlib.nullcontext():
             out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                              position_ids=positions.to(self.device), pixel_values=pixel_values,
-                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+                             use_cache=True, logits_to_keep=0 if scoring else 1, **{self._cache_arg: cache})
         new_rows = [
             _Row(request=r, adapter=r.adapter,
                  max_new=min(r.sampling.max_new_tokens, r.prompt.context_limit - r.prompt.num_tokens),
                  text=IncrementalDetokenizer(self.tokenizer, r.on_text, r.sampling.stop),
-                 cached=r.prompt.num_tokens)
+                 cached=r.prompt.num_tokens,
+                 sampler=RowSampler(r.sampling, r.prompt.input_ids, self.eos_ids, r.constraint),
+                 logprobs=[] if r.sampling.logprobs is not None else None)
             for r in requests
         ]
+        for i, row in enumerate(new_rows):
+            top = row.request.sampling.prompt_logprobs
+            if top is not None:
+                ids = row.request.prompt.input_ids
+                # Left padding: the row's tokens are the last len(ids) positions; position p predicts p + 1.
+                scored = token_logprobs(out.logits[i, length - len(ids):-1], ids[1:], top)
+                row.prompt_logprobs = [None, *scored]
         self._accept(new_rows, out.logits[:, -1, :])
         self._join(new_rows, cache, mask.to(self.device))
         return self._drop_finished()
@@ -224,9 +222,22 @@ class DecodeBatch:
         return finished + self._drop_finished()
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample one token per row and record it (EOS and limits end a row)."""
-        tokens = sample_next(logits.float(), [r.request.sampling.temperature for r in rows],
-                             [r.request.sampling.top_p for r in rows]).tolist()
+        """Sample one token per row and record it (EOS and limits end a row; a row allowed no new token ends
+        before sampling)."""
+        for row in rows:
+            if row.max_new <= len(row.text.tokens):
+                row.finish = "length"
+        live = [i for i, row in enumerate(rows) if row.finish is None]
+        if not live:
+            return
+        rows, logits = [rows[i] for i in live], logits[live].float()
+        tokens = next_tokens([r.sampler for r in rows], logits)
+        wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        if wanted:
+            counts = [rows[i].request.sampling.logprobs or 0 for i in wanted]
+            entries = token_logprobs(logits[wanted], [tokens[i] for i in wanted], max(counts))
+            for i, count, entry in zip(wanted, counts, entries):
+                rows[i].logprobs.append(replace(entry, top=entry.top[:count]))
         for row, token in zip(rows, tokens):
             if row.request.cancelled.is_set():
                 row.finish = "cancelled"
@@ -234,6 +245,9 @@ class DecodeBatch:
                 row.finish = "stop"
             else:
                 row.text.push(token)
+                row.sampler.record(token)
+                if row.request.on_token is not None:
+                    row.request.on_token(token)
                 row.last_token = token
                 if row.text.stopped:
                     row.finish = "stop"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from road_vlm.data.images import preprocess_images
-from road_vlm.data.template import TRAINING_ONLY_TEMPLATES, PromptFormat, encode_prompt
+from road_vlm.data.template import IMAGE_TOKEN, TRAINING_ONLY_TEMPLATES, PromptFormat, encode_prompt
 from road_vlm.model import num_image_tokens
 
 
@@ -58,8 +58,10 @@ def prepare_prompt(
     history: Sequence[tuple[str, str]],
     question: str,
     image: Image.Image | None = None,
+    system: str | None = None,
 ) -> PreparedPrompt:
-    """Encode a conversation exactly as training did (vicuna_v1 template, pad/crop images per the checkpoint).
+    """Encode a conversation exactly as training did (vicuna_v1 template, pad/crop images per the checkpoint);
+    ``system`` replaces the template's system text (None: LLaVA-1.5's own).
 
     Raises PromptTooLongError when the prompt leaves no room for a single answer token.
     """
@@ -75,7 +77,7 @@ def prepare_prompt(
     limit = context_limit(model, prompt_format)
     # Refuse what cannot fit before tokenising it: no token is longer than the longest vocabulary entry, so a text
     # of more than limit x that many characters has more than limit tokens (a 50 MB prompt is never tokenised).
-    chars = len(question) + sum(len(user) + len(answer) for user, answer in history)
+    chars = len(question) + len(system or "") + sum(len(user) + len(answer) for user, answer in history)
     if chars > limit * _longest_token_chars(tokenizer):
         raise PromptTooLongError(
             f"the conversation has {chars:,} characters, more than can fit in the context limit of {limit} tokens "
@@ -88,6 +90,7 @@ def prepare_prompt(
         has_image=image is not None,
         num_image_tokens=n_image,
         image_token_id=image_token_id,
+        system=system,
     )
     if len(ids) >= limit:
         image_part = f" ({n_image} of them image tokens)" if image is not None else ""
@@ -100,3 +103,34 @@ def prepare_prompt(
     if image is not None:
         pixel_values = preprocess_images(processor.image_processor, [image], prompt_format.image_aspect_ratio)
     return PreparedPrompt(input_ids=ids, pixel_values=pixel_values, context_limit=limit)
+
+
+def prepare_raw_prompt(model: Any, tokenizer: Any, prompt_format: PromptFormat, prompt: str | Sequence[int],
+                       ) -> PreparedPrompt:
+    """A prompt without the chat template (OpenAI's completions): a text, tokenised as the tokenizer does (BOS
+    first), or token ids, used exactly as given. Text only: image tokens are refused (they need an image).
+
+    Raises PromptTooLongError when the prompt leaves no room for a single answer token.
+    """
+    limit = context_limit(model, prompt_format)
+    image_token_id = int(model.config.image_token_id)
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) > limit * _longest_token_chars(tokenizer):
+            raise PromptTooLongError(f"the prompt has {len(prompt):,} characters, more than can fit in the context "
+                                     f"limit of {limit} tokens")
+        if IMAGE_TOKEN in prompt:
+            raise ValueError(f"the prompt may not contain {IMAGE_TOKEN!r} (completions take no images)")
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    else:
+        ids = [int(t) for t in prompt]
+        vocab = int(getattr(model.config, "text_config", model.config).vocab_size)
+        bad = [t for t in ids if not 0 <= t < vocab or t == image_token_id]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not a text token of this model (vocabulary size {vocab}, image "
+                             f"token {image_token_id})")
+    if len(ids) >= limit:
+        raise PromptTooLongError(f"the prompt is {len(ids)} tokens, which leaves no room for an answer within the "
+                                 f"context limit of {limit} tokens")
+    return PreparedPrompt(input_ids=ids, pixel_values=None, context_limit=limit)

@@ -43,7 +43,14 @@ from road_vlm.adapters.compose import COMPOSED_SEPARATOR, CompositionError
 from road_vlm.data.template import PromptFormat
 from road_vlm.model import LoadedVLM, load_vlm, recorded_quantization
 
-from road_vlm.generation import DecodeBatch, GenerationRequest, GenerationResult, PreparedPrompt, prepare_prompt
+from road_vlm.generation import (
+    DecodeBatch,
+    GenerationRequest,
+    GenerationResult,
+    PreparedPrompt,
+    prepare_prompt,
+    prepare_raw_prompt,
+)
 from road_vlm.generation.decode import Finished
 
 logger = logging.getLogger(__name__)
@@ -330,11 +337,19 @@ class ServingEngine:
         return owners[0] if owners else None
 
     def prepare(
-        self, adapter: str | None, history: Sequence[tuple[str, str]], question: str, image: Image.Image | None
+        self, adapter: str | None, history: Sequence[tuple[str, str]], question: str, image: Image.Image | None,
+        system: str | None = None,
     ) -> PreparedPrompt:
-        """Encode a conversation with the template and image preprocessing of ``adapter``'s checkpoint."""
+        """Encode a conversation with the template and image preprocessing of ``adapter``'s checkpoint (``system``:
+        the system text, None for the template's)."""
         with self._prepare_lock:
-            return prepare_prompt(self.model, self.processor, self.prompt_format(adapter), history, question, image)
+            return prepare_prompt(self.model, self.processor, self.prompt_format(adapter), history, question, image,
+                                  system)
+
+    def prepare_raw(self, adapter: str | None, prompt: str | Sequence[int]) -> PreparedPrompt:
+        """A prompt without the template: text (BOS added) or token ids as given."""
+        with self._prepare_lock:
+            return prepare_raw_prompt(self.model, self.processor.tokenizer, self.prompt_format(adapter), prompt)
 
     # -- generation
     def open_batch(self) -> DecodeBatch:
@@ -475,6 +490,11 @@ class BatchScheduler:
     def pending(self) -> int:
         """Requests submitted and not finished yet."""
         return self._pending
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batch."""
+        return len(self._running)
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():

@@ -72,7 +72,9 @@ def _add_server(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("--max-queue", type=_int_in(1), default=64, help="waiting+running requests before 429")
     parser.add_argument("--batch-window-ms", type=float, default=20.0,
                         help="when idle, how long the batcher waits for more requests after the first one")
-    parser.add_argument("--max-tokens", type=_int_in(1), default=256, help="default max_tokens of a request")
+    parser.add_argument("--max-tokens", type=_int_in(1), default=None,
+                        help="max_tokens of a request that sends none (default: the rest of the context, at most "
+                             "--max-tokens-cap)")
     parser.add_argument("--max-tokens-cap", type=_int_in(1), default=2048,
                         help="largest max_tokens a request may ask for (larger: 400)")
     parser.add_argument("--max-image-bytes", type=_int_in(1), default=20 * 1024 * 1024,
@@ -86,6 +88,11 @@ def _add_server(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                         help="Host header names served (default: localhost, 127.0.0.1, ::1 and --host); '*' = any, "
                         "only behind a proxy that checks them")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) image URLs (public addresses only, no redirects, --max-image-bytes, "
+                             "--image-url-timeout); off by default")
+    parser.add_argument("--image-url-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="time limit of one image URL fetch (default: %(default)s)")
     parser.add_argument("--allow-local-images", action="store_true",
                         help="accept local file paths as image URLs (only for trusted clients)")
     parser.add_argument("--api-key", default=None,
@@ -238,9 +245,10 @@ def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
 
     try:  # every setting is checked before the model loads
         api_key = _api_key(args)
-        images = ImagePolicy(allow_local_images=args.allow_local_images, max_bytes=args.max_image_bytes,
+        images = ImagePolicy(allow_local_images=args.allow_local_images, allow_image_urls=args.allow_image_urls,
+                             url_timeout_s=args.image_url_timeout, max_bytes=args.max_image_bytes,
                              max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes)
-        if args.max_tokens > args.max_tokens_cap:
+        if args.max_tokens is not None and args.max_tokens > args.max_tokens_cap:
             raise ValueError(f"--max-tokens {args.max_tokens} exceeds --max-tokens-cap {args.max_tokens_cap}")
         hosts = args.allowed_hosts or [*LOOPBACK_HOSTS, args.host]
         allowed_hosts = None if "*" in hosts else tuple(hosts)

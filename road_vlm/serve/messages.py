@@ -1,7 +1,9 @@
-"""OpenAI chat ``messages`` -> (history, question, image) for the LLaVA-1.5 v1 template.
+"""OpenAI chat ``messages`` -> a :class:`Conversation` (system text, history, question, image) for the LLaVA-1.5
+v1 template.
 
-LLaVA-1.5 conversations hold at most one image, in the first user turn, and a fixed system prompt; a request
-that cannot be expressed that way is rejected with a message that says why, instead of being silently reshaped.
+LLaVA-1.5 conversations hold at most one image, in the first user turn, and one system text, before the turns
+(vicuna_v1's system slot; a custom one replaces LLaVA's default). A request that cannot be expressed that way is
+rejected with a message that says why, instead of being silently reshaped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 from PIL import Image
 
 from road_vlm.data.images import ImageLoadError, load_image
-from road_vlm.data.template import IMAGE_TOKEN, SYSTEM_V1
+from road_vlm.data.template import IMAGE_TOKEN
+
+from .image_fetch import ImageFetchError, fetch_image_bytes
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.-]+)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL)
 
@@ -44,6 +48,8 @@ class ImagePolicy:
     """What the server accepts as an image: source, bytes, pixels, formats, and how many decode at once."""
 
     allow_local_images: bool = False
+    allow_image_urls: bool = False  # fetch http(s) image URLs (public addresses only: image_fetch.py)
+    url_timeout_s: float = 10.0
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     formats: tuple[str, ...] = ALLOWED_IMAGE_FORMATS
@@ -51,7 +57,7 @@ class ImagePolicy:
     _slots: threading.BoundedSemaphore = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_concurrent_decodes"):
+        for name in ("max_bytes", "max_pixels", "max_concurrent_decodes", "url_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         object.__setattr__(self, "_slots", threading.BoundedSemaphore(self.max_concurrent_decodes))
@@ -69,7 +75,8 @@ DEFAULT_IMAGE_POLICY = ImagePolicy()
 
 
 def decode_image_url(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
-    """A ``data:`` URL (base64) or, with ``allow_local_images``, a local path / ``file://`` URL -> RGB image."""
+    """A ``data:`` URL (base64), with ``allow_image_urls`` an http(s) URL, with ``allow_local_images`` a local
+    path / ``file://`` URL -> RGB image."""
     max_bytes = policy.max_bytes
     if not isinstance(url, str) or not url:
         raise BadImageError("image_url.url must be a non-empty string", param)
@@ -88,8 +95,14 @@ def decode_image_url(url: str, policy: ImagePolicy, *, param: str) -> Image.Imag
             raise BadImageError(f"image is larger than the server's limit of {max_bytes} bytes", param)
         return policy.load(raw, param)
     if url.startswith(("http://", "https://")):
-        raise BadImageError("remote image URLs are not fetched by this server; send the image as a "
-                            "data:image/...;base64 URL", param)
+        if not policy.allow_image_urls:
+            raise BadImageError("remote image URLs are not fetched by this server (start it with "
+                                "--allow-image-urls); send the image as a data:image/...;base64 URL", param)
+        try:
+            raw = fetch_image_bytes(url, max_bytes=max_bytes, timeout_s=policy.url_timeout_s)
+        except ImageFetchError as err:
+            raise BadImageError(f"cannot use the image URL: {err}", param) from err
+        return policy.load(raw, param)
     if not policy.allow_local_images:
         raise BadImageError("local image paths are disabled (start the server with --allow-local-images); "
                             "send the image as a data:image/...;base64 URL", param)
@@ -112,31 +125,53 @@ def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
     return content
 
 
-def parse_messages(
-    messages: Any, images: ImagePolicy | None = None
-) -> tuple[list[tuple[str, str]], str, Image.Image | None]:
-    """Split OpenAI messages into finished ``(user, assistant)`` turns, the last user question and the image."""
+@dataclass
+class Conversation:
+    """A chat request as the template takes it; ``system`` None keeps the template's own system text."""
+
+    history: list[tuple[str, str]]
+    question: str
+    image: Image.Image | None
+    system: str | None = None
+
+
+SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role
+
+
+def _system_text(message: dict[str, Any], where: str) -> str:
+    pieces = []
+    for j, part in enumerate(_content_parts(message.get("content"), where)):
+        if part["type"] != "text" or not isinstance(part.get("text"), str):
+            raise MessageError(f"{where}.content[{j}]: a system message holds text only", f"{where}.content[{j}]")
+        pieces.append(part["text"])
+    text = "\n".join(pieces).strip()
+    if IMAGE_TOKEN in text:
+        raise MessageError(f"{where}: the text may not contain {IMAGE_TOKEN!r}", f"{where}.content")
+    return text
+
+
+def parse_messages(messages: Any, images: ImagePolicy | None = None) -> Conversation:
+    """Split OpenAI messages into the system text, finished ``(user, assistant)`` turns, the last user question and
+    the image. System messages must come before the first turn (several are joined by newlines)."""
     images = images or DEFAULT_IMAGE_POLICY
     if not isinstance(messages, list) or not messages:
         raise MessageError("messages must be a non-empty list")
     turns: list[tuple[str, Any]] = []
+    systems: list[str] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise MessageError(f"{where} must be an object with 'role' and 'content'", where)
         role = message.get("role")
-        if role == "system":
-            text = " ".join(
-                p.get("text", "") for p in _content_parts(message.get("content", ""), where) if p["type"] == "text"
-            ).strip()
-            if i != 0 or text not in ("", SYSTEM_V1):
-                raise MessageError(
-                    "custom system messages are not supported: LLaVA-1.5's vicuna_v1 template has a fixed system "
-                    "prompt; drop the system message", where
-                )
+        if role in SYSTEM_ROLES:
+            if turns:
+                raise MessageError(f"{where}: a system message must come before the conversation (LLaVA-1.5's "
+                                   "vicuna_v1 template has one system slot, at the start)", f"{where}.role")
+            systems.append(_system_text(message, where))
             continue
         if role not in ("user", "assistant"):
-            raise MessageError(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}", f"{where}.role")
+            raise MessageError(f"{where}.role must be 'system', 'developer', 'user' or 'assistant', got {role!r}",
+                               f"{where}.role")
         turns.append((role, (i, message.get("content"))))
     if not turns or turns[-1][0] != "user":
         raise MessageError("the last message must come from the user")
@@ -183,4 +218,4 @@ def parse_messages(
             raise MessageError(f"{where}: the user message has no text", f"{where}.content")
         texts.append(text)
     history = [(texts[k], texts[k + 1]) for k in range(0, len(texts) - 1, 2)]
-    return history, texts[-1], image
+    return Conversation(history, texts[-1], image, "\n".join(t for t in systems if t) if systems else None)

@@ -132,6 +132,23 @@ def run_server() -> Callable[..., AbstractContextManager[str]]:
 
 
 @pytest.fixture(scope="session")
+def api_tokens_cap() -> int:
+    """The api_server's --max-tokens-cap: what an answer without max_tokens gets at most."""
+    return 64
+
+
+@pytest.fixture(scope="module")
+def api_server(engine, run_server, api_tokens_cap) -> Iterator[str]:
+    """The OpenAI-compatible server on the shared engine (base "base", adapters road4, road1proj, lora), on a
+    loopback port. Per module: a running server keeps the engine's adapter tables entered, so it must close
+    before another module builds its own app on the same engine."""
+    from road_vlm.serve.server import create_app
+
+    with run_server(create_app(engine, max_tokens_cap=api_tokens_cap, max_batch_size=8)) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def board_outputs(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ``outputs/`` folder as a user has it: a real training run (4 steps, checkpoints at 2 and 4, the
     trainer's own files) and ``road-vlm eval`` results for the base and both checkpoints."""

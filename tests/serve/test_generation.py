@@ -109,7 +109,11 @@ def test_prompt_beyond_the_context_limit_is_refused(base):
     assert prompt.num_tokens + result.completion_tokens == 40 and result.finish_reason == "length"
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0)])
+# max_new_tokens=0 is valid: it scores a prompt without generating (/v1/completions with echo).
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=-1), dict(top_k=-1),
+                                    dict(min_p=1.5), dict(repetition_penalty=0), dict(presence_penalty=2.5),
+                                    dict(frequency_penalty=-3), dict(logprobs=21), dict(logit_bias=((5, 101.0),)),
+                                    dict(max_new_tokens=4, min_tokens=5), dict(seed=2**64)])
 def test_bad_sampling_settings_are_refused(kwargs):
     with pytest.raises(SamplingError):
         SamplingParams(**kwargs)

@@ -19,24 +19,34 @@ def _png_url(size=(20, 10)) -> str:
 
 
 def test_multi_turn_messages_become_history_question_and_image():
-    history, question, image = parse_messages([
+    conversation = parse_messages([
         {"role": "system", "content": SYSTEM_V1},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_url()}},
                                      {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": "A square."},
         {"role": "user", "content": [{"type": "text", "text": "Which"}, {"type": "text", "text": "colour?"}]},
     ])
-    assert history == [("What is this?", "A square.")]
-    assert question == "Which\ncolour?"
-    assert image.size == (20, 10) and image.mode == "RGB"
+    assert conversation.history == [("What is this?", "A square.")]
+    assert conversation.question == "Which\ncolour?"
+    assert conversation.image.size == (20, 10) and conversation.image.mode == "RGB"
+    assert conversation.system == SYSTEM_V1
+
+
+def test_system_messages_fill_the_templates_system_slot():
+    assert parse_messages([{"role": "user", "content": "hi"}]).system is None  # the template's own text
+    custom = parse_messages([{"role": "system", "content": "You are a pirate."},
+                             {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                             {"role": "user", "content": "hi"}])
+    assert custom.system == "You are a pirate.\nBe brief." and custom.question == "hi"
+    assert parse_messages([{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]).system == ""
 
 
 def test_wrapped_base64_and_bare_string_image_url_are_accepted():
     url = _png_url()
     head, data = url.split(",", 1)
     wrapped = head + "," + "\n".join(data[i:i + 40] for i in range(0, len(data), 40))
-    _, _, image = parse_messages([{"role": "user", "content": [
-        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": wrapped}]}])
+    image = parse_messages([{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": wrapped}]}]).image
     assert image.size == (20, 10)
 
 
@@ -45,6 +55,9 @@ def test_wrapped_base64_and_bare_string_image_url_are_accepted():
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
     ([{"role": "tool", "content": "a"}], "role must be"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "before the conversation"),
+    ([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": _png_url()}}]},
+      {"role": "user", "content": "a"}], "text only"),
     ([{"role": "user", "content": 5}], "string or a list"),
     ([{"role": "user", "content": [{"type": "audio"}]}], "type 'text' or 'image_url'"),
     ([{"role": "user", "content": "look at <image> this"}], "may not contain '<image>'"),
@@ -82,7 +95,7 @@ def _image_url(image, fmt: str, **save) -> str:
 
 def _ask(url: str, policy: ImagePolicy | None = None):
     return parse_messages([{"role": "user", "content": [
-        {"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": url}}]}], policy)
+        {"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": url}}]}], policy).image
 
 
 def test_pixel_budget_is_checked_from_the_header_before_decoding():
@@ -97,7 +110,7 @@ def test_pixel_budget_is_checked_from_the_header_before_decoding():
     with pytest.raises(BadImageError, match=r"13300 x 13300 = 176,890,000 pixels, more than the limit of 16,777,216"):
         _ask(bomb)
     assert time.perf_counter() - start < 1.0  # refused from the header, not after decoding
-    _, _, image = _ask(_image_url(Image.new("RGB", (40, 30), (1, 2, 3)), "PNG"), ImagePolicy(max_pixels=1200))
+    image = _ask(_image_url(Image.new("RGB", (40, 30), (1, 2, 3)), "PNG"), ImagePolicy(max_pixels=1200))
     assert image.size == (40, 30)
     with pytest.raises(BadImageError, match="more than the limit of 1,199"):
         _ask(_image_url(Image.new("RGB", (40, 30)), "PNG"), ImagePolicy(max_pixels=1199))
@@ -107,7 +120,7 @@ def test_pixel_budget_is_checked_from_the_header_before_decoding():
 def test_allowed_formats_decode(fmt):
     from PIL import Image
 
-    _, _, image = _ask(_image_url(Image.new("RGB", (8, 6), (200, 10, 10)), fmt))
+    image = _ask(_image_url(Image.new("RGB", (8, 6), (200, 10, 10)), fmt))
     assert image.size == (8, 6) and image.mode == "RGB"
 
 

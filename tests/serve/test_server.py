@@ -130,7 +130,10 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_running(engine, i
         (json.dumps(_ask("road4", "hi", "https://example.com/cat.png")), 400, "remote image URLs"),
         (json.dumps(_ask("road4", long_text)), 400, "context_length_exceeded"),
         (json.dumps(_ask("road4", "hi", temperature=-1)), 400, "temperature"),
-        (json.dumps(_ask("road4", "hi", n=3)), 400, "unsupported_parameter"),
+        (json.dumps(_ask("road4", "hi", n=17)), 400, "n"),
+        (json.dumps(_ask("road4", "hi", best_of_typo=3)), 400, "unsupported_parameter"),
+        (json.dumps(_ask("road4", "hi", tools=[{"type": "function", "function": {"name": "f"}}])), 400,
+         "unsupported_parameter"),
         (json.dumps(_ask("road4", "hi", stop=["a", "b", "c", "d", "e"])), 400, "stop"),
         (json.dumps(_ask("road4", "hi", stop="x" * 65)), 400, "stop"),
         (json.dumps({"model": "road4", "messages": [{"role": "assistant", "content": "x"}]}), 400, "user"),
@@ -139,8 +142,9 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_running(engine, i
             {"role": "user", "content": [{"type": "text", "text": "c"},
                                          {"type": "image_url", "image_url": {"url": _data_url(image_path)}}]}]}),
          400, "first user message"),
-        (json.dumps({"model": "road4", "messages": [{"role": "system", "content": "You are a pirate."},
-                                                    {"role": "user", "content": "hi"}]}), 400, "system"),
+        (json.dumps({"model": "road4", "messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "system", "content": "You are a pirate."}]}), 400,
+         "system message must come before"),
     ]
     with TestClient(create_app(engine), base_url=LOCAL) as client:
         for body, status, needle in cases:
