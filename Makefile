@@ -5,29 +5,35 @@ PYTHON ?= python3
 # A CPU build of torch; on a GPU machine use e.g. `make TORCH_SPEC='torch>=2.4' test`.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# Two steps, so `make demo` does not wait for what only the tests drive (the OpenAI clients, lm-eval, bitsandbytes).
 STAMP := $(VENV)/.road_vlm-installed
+DEV_STAMP := $(VENV)/.road_vlm-dev-installed
 
 .PHONY: install demo test test-fast gpu-check clean
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,serve,quant]"
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,serve,quant]"
+	touch $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/road-vlm demo $(DEMO_ARGS)
 
 # The whole suite, slow end-to-end tests included (this is what CI runs).
-test: $(STAMP)
+test: $(DEV_STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; exit $$rc
 
 # Everything except the tests marked slow.
-test-fast: $(STAMP)
+test-fast: $(DEV_STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra -m "not slow"
 
 # On a GPU machine: the one-shot GPU check with the machine's own CUDA torch (no venv, nothing downloaded);
