@@ -46,13 +46,14 @@ BASE_BYTES = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 
 
 def _run(model: Path, data: Path, out: Path, zero: str) -> dict:
+    from road_vlm.train.commands import launcher_command
+
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "scripts/train.py",
-           "--config", "configs/demo.yaml", f"model.name_or_path={model}",
-           f"data.path={data}", f"output.dir={out}", "output.report_to=none",
-           f"deepspeed.config=configs/deepspeed/{zero}.json", "train.max_steps=2", "train.per_device_batch_size=1",
-           "train.verify_final_adapter=false", "train.gradient_checkpointing=false"]
+    cmd = launcher_command("configs/demo.yaml", [
+        f"model.name_or_path={model}", f"data.path={data}", f"output.dir={out}", "output.report_to=none",
+        f"deepspeed.config=configs/deepspeed/{zero}.json", "train.max_steps=2", "train.per_device_batch_size=1",
+        "train.verify_final_adapter=false", "train.gradient_checkpointing=false"], num_processes=2)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}

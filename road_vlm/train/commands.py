@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from road_vlm.train.config import ConfigError, load_config
+from road_vlm.train.distributed import free_port
 from road_vlm.train.entry import add_arguments, run
 from road_vlm.train.precision import check_training_precision
 
@@ -17,10 +18,16 @@ def launcher_command(
     config: str, overrides: list[str], *, num_processes: int, hostfile: str | None = None,
     master_port: int | None = None,
 ) -> list[str]:
-    """The ``deepspeed`` launcher command line that runs ``road_vlm.train.entry`` on N processes per node."""
+    """The ``deepspeed`` launcher command line that runs ``road_vlm.train.entry`` on N processes per node.
+
+    On one node without a chosen port, a free one: the launcher's fixed default (29500) makes a second run on the
+    same machine fail with EADDRINUSE. Several nodes must agree on a port, so there the default stays.
+    """
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if hostfile:
         cmd += ["--hostfile", hostfile]
+    elif master_port is None:
+        master_port = free_port()
     cmd += ["--num_gpus", str(num_processes)]
     if master_port is not None:
         cmd += ["--master_port", str(master_port)]

@@ -22,7 +22,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -35,7 +36,7 @@ def set_single_process_defaults() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ["RANK"] = "0"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     if not torch.cuda.is_available():
         # Without CUDA, DeepSpeed's CPU accelerator (gloo) runs the same code path on CPU.

@@ -19,6 +19,7 @@ from train_helpers import REPO, deepspeed_command, demo_config, run_training, wr
 pytestmark = pytest.mark.slow
 
 NUM_SAMPLES = 216
+MICRO_BATCH = 8  # the reproduction's (configs/demo.yaml's micro batch then; pinned here, the demo has moved on)
 STEPS = 84  # 6 epochs of ceil(216 / 16)
 RESUME_AT = 75  # mid-epoch (epoch 5, step 5 of 14), before the step where the ranks disagree
 
@@ -38,7 +39,7 @@ def _disagreeing_steps(data: Path) -> list[int]:
     records = json.loads(data.read_text())
     has_image = ["image" in r for r in records]
     lengths = [modality_length(r["conversations"], h) for r, h in zip(records, has_image)]
-    layout = BatchLayout(world_size=2, micro_batch=8, grad_accum=1)
+    layout = BatchLayout(world_size=2, micro_batch=MICRO_BATCH, grad_accum=1)
     per_epoch = steps_per_epoch(len(records), layout)
     steps = []
     for epoch in range(STEPS // per_epoch):
@@ -51,7 +52,8 @@ def _disagreeing_steps(data: Path) -> list[int]:
 
 
 def _train(tiny_llava_dir: Path, data: Path, out: Path, zero: str, **train) -> dict:
-    config = demo_config(tiny_llava_dir, data, out, train={"save_steps": RESUME_AT, **train},
+    config = demo_config(tiny_llava_dir, data, out,
+                         train={"save_steps": RESUME_AT, "per_device_batch_size": MICRO_BATCH, **train},
                          deepspeed={"config": str(REPO / "configs" / "deepspeed" / f"{zero}.json")})
     result = run_training(deepspeed_command(write_config(out.parent / f"{out.name}.yaml", config)), timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
