@@ -1,7 +1,9 @@
-"""Output directories that appear complete or not at all: write into ``<name>.partial``, then rename."""
+"""Output directories that appear complete or not at all: write into ``<name>.partial``, then rename; and the
+SHA-256 that manifests of written directories record."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -26,3 +28,12 @@ def publish(tmp: Path, output: Path) -> None:
     if output.exists():
         shutil.rmtree(output)
     tmp.rename(output)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()

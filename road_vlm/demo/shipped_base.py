@@ -11,7 +11,6 @@ versions, the machine) and the SHA-256 of every file; the demo checks the files 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -19,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from road_vlm.outputs import file_sha256
 
 SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "base"
 MANIFEST = "manifest.json"
@@ -28,17 +29,9 @@ class ShippedBaseError(RuntimeError):
     """The shipped base's files do not match their manifest (missing, extra or changed)."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_digests(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` except the manifest, by path relative to ``folder``."""
-    return {path.relative_to(folder).as_posix(): _sha256(path)
+    return {path.relative_to(folder).as_posix(): file_sha256(path)
             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
 
 

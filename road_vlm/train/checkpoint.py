@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from road_vlm.adapters import save_adapter
 from road_vlm.data.template import PromptFormat
+from road_vlm.outputs import file_sha256
 from road_vlm.train.config import TrainingConfig
 from road_vlm.train.distributed import DistInfo, barrier
 
@@ -168,23 +169,13 @@ def load_rng_state(directory: Path, rank: int) -> None:
 # ---------------------------------------------------------------------------------------------- manifest
 
 
-def _digest(path: Path) -> str:
-    import hashlib
-
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
 
 
 def write_manifest(directory: Path) -> Path:
     """Record size and SHA-256 of every file under ``directory`` (call when everything else is written)."""
-    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in _files(directory)}
     path = directory / MANIFEST_FILE
     path.write_text(json.dumps({"format": "road_vlm checkpoint", "version": 1, "files": files}, indent=1) + "\n")
@@ -211,7 +202,7 @@ def verify_manifest(directory: Path) -> None:
         file = present.get(name)
         if file is None:
             raise CheckpointError(f"{directory}: {name} is in the manifest but missing. {hint}")
-        if file.stat().st_size != entry["bytes"] or _digest(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or file_sha256(file) != entry["sha256"]:
             raise CheckpointError(f"{directory}: {name} differs from the manifest (modified after saving). {hint}")
 
 
