@@ -40,11 +40,12 @@ def check_training_precision(config: TrainingConfig, source: str = "config") -> 
         return
     from deepspeed.accelerator import get_accelerator
 
-    supported = supported_training_dtypes()
+    accel = get_accelerator()
+    supported = supported_training_dtypes(accel)
     if wanted in supported:
         return
     key = "train.bf16" if wanted is torch.bfloat16 else "train.fp16"
-    device = get_accelerator().device_name()
+    device = accel.device_name()
     hint = " (DeepSpeed's CPU accelerator has fp16 only where oneDNN has native fp16 kernels)" \
         if device == "cpu" and wanted is torch.float16 else ""
     raise ConfigError(f"{source}: {key}=true, but this machine's {device} accelerator cannot train in "
