@@ -17,6 +17,7 @@ import torch
 from road_vlm.data.template import PromptFormat
 from road_vlm.quantization import Quantization, check_quantized
 from road_vlm.quantization import dequantize as dequantize_linears
+from road_vlm.filenames import HF_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def load_base(
     quant = Quantization.of(quantization)
     source = str(model)
     is_local = Path(source).exists()
-    if is_local and not (Path(source) / "config.json").is_file():
+    if is_local and not (Path(source) / HF_CONFIG).is_file():
         raise FileNotFoundError(f"{source}: not a Hugging Face model directory (no config.json)")
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if local_files_only is not None:

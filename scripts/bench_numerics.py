@@ -35,7 +35,8 @@ def main() -> None:
 
     from road_vlm.demo.synthetic import generate_eval_data, tokenizer_corpus
     from road_vlm.eval import evaluate
-    from road_vlm.eval.predictions import PREDICTIONS_FILE, read_predictions
+    from road_vlm.eval.predictions import read_predictions
+    from road_vlm.filenames import PREDICTIONS
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="road_vlm_numerics_"))
@@ -53,7 +54,7 @@ def main() -> None:
             results = evaluate(model, [args.adapter] if args.adapter else None, BENCHMARKS, data, out, batch,
                                device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens, progress=False)
             row = next(iter(results["rows"]))
-            answers = {b: [r["text"] for r in read_predictions(out / row / b / PREDICTIONS_FILE)]
+            answers = {b: [r["text"] for r in read_predictions(out / row / b / PREDICTIONS)]
                        for b in BENCHMARKS.split(",")}
             runs[name] = {"scores": results["rows"][row], "answers": answers}
     reference = runs[f"{args.dtypes[0]}-b{args.batch_sizes[0]}"]["answers"]

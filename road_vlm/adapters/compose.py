@@ -31,21 +31,12 @@ from road_vlm.outputs import fresh_output, publish
 
 from .config import ROAD_VARIANTS, AdapterConfig, variant_has_lora
 from .inject import adapted_layers, attach_adapter, registry
-from .io import (
-    CONFIG_FILE,
-    KEY_PREFIX,
-    PROJECTOR_FILE,
-    WEIGHTS_FILE,
-    AdapterFileError,
-    read_adapter_config,
-    read_base_name,
-    weights_metadata,
-)
+from .io import KEY_PREFIX, AdapterFileError, read_adapter_config, read_base_name, weights_metadata
 from .pairs import num_pairs, pair_dims, param_mask, union
 from .rotation import road_param_size
+from road_vlm.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR, PROMPT_FORMAT
 
 COMPOSED_SEPARATOR = "+"
-PROMPT_FORMAT_FILE = "prompt_format.json"  # data/template.py's file; copied verbatim, never parsed here
 
 
 class CompositionError(ValueError):
@@ -114,7 +105,7 @@ def select(variant: str, group_size: int, parts: Sequence[tuple[torch.Tensor, to
 
 # -- adapter directories -----------------------------------------------------------------------------------------
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    file = directory / WEIGHTS_FILE
+    file = directory / ADAPTER_WEIGHTS
     try:
         with safe_open(str(file), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -161,20 +152,20 @@ def compose_dirs(
         parts = [(weights[d][key], weights[d][alpha_key], configs[d]) for d in configs]
         composed[key], composed[alpha_key] = select(config.variant, config.group_size, parts)
 
-    formats = {d: (Path(d) / PROMPT_FORMAT_FILE).read_text() for d in configs if (Path(d) / PROMPT_FORMAT_FILE).is_file()}
+    formats = {d: (Path(d) / PROMPT_FORMAT).read_text() for d in configs if (Path(d) / PROMPT_FORMAT).is_file()}
     if len(set(formats.values())) > 1:
         raise CompositionError(f"adapters were trained with different prompt formats ({sorted(formats)}); "
                                "composing them would leave the chat template ambiguous")
     tmp = fresh_output(output, overwrite)
     try:
-        save_file(composed, str(tmp / WEIGHTS_FILE), metadata=weights_metadata(config))
-        raw = json.loads((dirs[0] / CONFIG_FILE).read_text())  # same variant/targets/base checked above
-        (tmp / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
+        save_file(composed, str(tmp / ADAPTER_WEIGHTS), metadata=weights_metadata(config))
+        raw = json.loads((dirs[0] / ADAPTER_CONFIG).read_text())  # same variant/targets/base checked above
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(raw, indent=2) + "\n")
         for d in dirs:
-            if (d / PROJECTOR_FILE).is_file():
-                shutil.copyfile(d / PROJECTOR_FILE, tmp / PROJECTOR_FILE)
+            if (d / PROJECTOR).is_file():
+                shutil.copyfile(d / PROJECTOR, tmp / PROJECTOR)
         if formats:
-            (tmp / PROMPT_FORMAT_FILE).write_text(next(iter(formats.values())))
+            (tmp / PROMPT_FORMAT).write_text(next(iter(formats.values())))
         (tmp / "composed_from.json").write_text(json.dumps(
             {"adapters": [{"path": str(d), "pair_subset": configs[str(d)].pair_subset} for d in dirs],
              "pair_subset": config.pair_subset, "pair_layout": config.pair_layout}, indent=2) + "\n")

@@ -56,10 +56,8 @@ from .inject import (
 )
 from .layer import AdaptedLinear, AdapterStateError
 from .rotation import road_param_size
+from road_vlm.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PROJECTOR_FILE = "projector.safetensors"
 KEY_PREFIX = "base_model.model."
 _KIND_SUFFIX = {
     "road_theta": "road_theta",
@@ -192,10 +190,10 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default"
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         metadata = {**weights_metadata(config), **base_quantization_metadata(layers.values())}
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata=metadata)
+        save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata=metadata)
         if proj_tensors:
-            save_file(proj_tensors, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
-        with open(out / CONFIG_FILE, "w") as f:
+            save_file(proj_tensors, str(out / PROJECTOR), metadata={"format": "pt"})
+        with open(out / ADAPTER_CONFIG, "w") as f:
             json.dump(config_to_file_dict(model, config, sorted(layers), base_name_of(model)), f, indent=2)
             f.write("\n")
     return out
@@ -220,7 +218,7 @@ def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
     subset recorded in the weights file, if any)."""
     path = Path(path)
     config = _read_config_json(path)
-    weights = path / WEIGHTS_FILE
+    weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         return config
     try:
@@ -240,7 +238,7 @@ def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
 def read_base_quantization(path: Union[str, Path]) -> Optional[tuple[str, bool]]:
     """``(method, double_quant)`` of the quantized base an adapter was saved on (``bnb.py``), None when it was
     saved on an unquantized base or by another tool."""
-    weights = Path(path) / WEIGHTS_FILE
+    weights = Path(path) / ADAPTER_WEIGHTS
     if not weights.is_file():
         return None  # load_adapter reports the missing file
     try:
@@ -255,7 +253,7 @@ def read_base_quantization(path: Union[str, Path]) -> Optional[tuple[str, bool]]
 def read_base_name(path: Union[str, Path]) -> Optional[str]:
     """``base_model_name_or_path`` recorded in an adapter directory's config (None when not recorded)."""
     try:
-        raw = json.loads((Path(path) / CONFIG_FILE).read_text())
+        raw = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     name = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
@@ -263,7 +261,7 @@ def read_base_name(path: Union[str, Path]) -> Optional[str]:
 
 
 def _read_config_json(path: Path) -> AdapterConfig:
-    cfg_file = path / CONFIG_FILE
+    cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
         raise AdapterFileError(f"{cfg_file}: not found (is {path} an adapter directory?)")
     try:
@@ -290,7 +288,7 @@ def _read_config_json(path: Path) -> AdapterConfig:
                 variant=FROM_PEFT_VARIANT[raw["variant"]],
                 group_size=raw.get("group_size", 64),
                 target_modules=targets if isinstance(targets, str) else sorted(targets),
-                train_projector=(path / PROJECTOR_FILE).is_file(),
+                train_projector=(path / PROJECTOR).is_file(),
             )
         raise AdapterFileError(
             f"{cfg_file}: not a road_vlm adapter nor a PEFT RoAd adapter (peft_type={peft_type!r})"
@@ -356,14 +354,14 @@ def load_adapter(
     try:
         targets = resolve_targets(model, config)
     except AdapterConfigError as exc:
-        raise AdapterFileError(f"{path / CONFIG_FILE}: {exc}") from exc
+        raise AdapterFileError(f"{path / ADAPTER_CONFIG}: {exc}") from exc
     expected: dict[str, tuple[int, ...]] = {}
     for module_name, mod in targets.items():
         expected.update(_expected_shapes(module_name, mod.out_features, mod.in_features, config))
-    weights = _read_checked(path / WEIGHTS_FILE, expected, "adapter")
+    weights = _read_checked(path / ADAPTER_WEIGHTS, expected, "adapter")
 
     proj_values: dict[str, torch.Tensor] = {}
-    proj_file = path / PROJECTOR_FILE
+    proj_file = path / PROJECTOR
     if load_projector and (config.train_projector or proj_file.is_file()):
         if not proj_file.is_file():
             raise AdapterFileError(f"{proj_file}: not found, but the adapter config says train_projector")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from road_vlm.filenames import TRAINER_STATE
+
 MAX_FILES = 2000  # summary.json + results.json files read per scan: a board over a huge tree stays responsive
 _SKIP_DIRS = {".git", ".data-cache", "__pycache__", "node_modules"}
 
@@ -68,7 +70,7 @@ def _read_run(folder: Path, summary: dict[str, Any], problems: list[str]) -> Run
     run = Run(path=folder, summary=summary)
     checkpoints = _checkpoint_dirs(folder)
     if checkpoints:
-        state = _read_json(checkpoints[-1] / "trainer_state.json", problems)
+        state = _read_json(checkpoints[-1] / TRAINER_STATE, problems)
         if isinstance(state, dict):
             run.history = [h for h in state.get("loss_history", []) if isinstance(h, dict)]
         config_file = checkpoints[-1] / "config.yaml"

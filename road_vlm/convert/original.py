@@ -18,6 +18,7 @@ from road_vlm.convert.assemble import ConversionError, assemble_llava, read_chec
 from road_vlm.convert.keys import CLIP_VISION, ORIGINAL_LLAVA, rename
 from road_vlm.data.template import PromptFormat
 from road_vlm.model import resolve_dtype
+from road_vlm.filenames import HF_CONFIG
 
 # The LLaVA-1.5 architecture this conversion (and HF's LlavaForConditionalGeneration) represents.
 REQUIRED = {"mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch"}
@@ -51,7 +52,7 @@ def convert_llava(
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     source = Path(checkpoint)
-    config_path = source / "config.json"
+    config_path = source / HF_CONFIG
     if not config_path.is_file():
         raise ConversionError(f"{source}: not a LLaVA checkpoint directory (no config.json)")
     config = json.loads(config_path.read_text())

@@ -17,6 +17,7 @@ from torch import nn
 from road_vlm.convert.assemble import ConversionError, assemble_llava, load_tensor_file
 from road_vlm.convert.keys import CLIP_VISION, LLAMA, MM_PROJECTOR, rename
 from road_vlm.model import resolve_dtype
+from road_vlm.filenames import HF_CONFIG, PROJECTOR
 
 
 def _renamed(state: dict[str, torch.Tensor], mapping: list[tuple[str, str]], where: str) -> dict[str, torch.Tensor]:
@@ -34,7 +35,7 @@ def load_projector(path: str | Path, vision_hidden: int, text_hidden: int) -> di
     the stage-1 checkpoint directory holding it), as ``model.multi_modal_projector.*`` tensors."""
     path = Path(path)
     if path.is_dir():
-        path = path / "projector.safetensors"
+        path = path / PROJECTOR
     if not path.is_file():
         raise ConversionError(f"{path}: projector file not found")
     state = _renamed(load_tensor_file(path), MM_PROJECTOR, str(path))
@@ -78,7 +79,7 @@ def build_base(
 
     torch_dtype = resolve_dtype(dtype, "cpu")
     for path, what in ((vision_tower, "vision tower (CLIP)"), (language_model, "language model")):
-        if not (Path(path) / "config.json").is_file():
+        if not (Path(path) / HF_CONFIG).is_file():
             raise ConversionError(f"{path}: not a Hugging Face model directory ({what}: no config.json)")
     vision = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=torch_dtype)
     language = LlamaForCausalLM.from_pretrained(str(language_model), dtype=torch_dtype)

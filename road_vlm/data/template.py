@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from road_vlm.filenames import PROMPT_FORMAT
 
 SYSTEM_V1 = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -38,7 +39,6 @@ IGNORE_INDEX = -100
 TEMPLATES = ("vicuna_v1", "plain")
 TRAINING_ONLY_TEMPLATES = ("plain",)
 IMAGE_ASPECT_RATIOS = ("pad", "crop")
-PROMPT_FORMAT_FILE = "prompt_format.json"
 
 
 class LabelingError(ValueError):
@@ -64,14 +64,14 @@ class PromptFormat:
             raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / PROMPT_FORMAT_FILE
+        path = Path(directory) / PROMPT_FORMAT
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> PromptFormat | None:
         """The format saved in ``directory``, or None when the directory has none."""
-        path = Path(directory) / PROMPT_FORMAT_FILE
+        path = Path(directory) / PROMPT_FORMAT
         if not path.is_file():
             return None
         try:

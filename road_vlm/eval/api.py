@@ -19,10 +19,10 @@ from road_vlm.eval.common import EvalDataError, EvalQuestion
 from road_vlm.eval.report import write_results
 from road_vlm.eval.runner import dist_info, run_benchmark
 from road_vlm.eval.validate import check_annotations
+from road_vlm.filenames import ADAPTER_CONFIG
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 BASE_ROW = "base"
 
 
@@ -194,7 +194,7 @@ def evaluate(
                 out_dir = output / row_name / name
                 answered = preds_io.merge(out_dir, questions[name])
                 rows_in_order = [answered[q.answer_key] for q in work[name]]
-                source = str(out_dir / preds_io.PREDICTIONS_FILE)
+                source = str(out_dir / preds_io.PREDICTIONS)
                 scores[name] = get_benchmark(name).score(rows_in_order, data_root, limit=limit, source=source)
             results_rows[row_name] = scores
     finally:

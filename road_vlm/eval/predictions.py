@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from road_vlm.eval.common import EvalDataError, EvalQuestion, qid_key
+from road_vlm.filenames import PREDICTIONS
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_FILE = "predictions.jsonl"
 _SHARD_RE = re.compile(r"^predictions\.rank(\d+)-of-(\d+)\.jsonl$")
 
 
@@ -136,7 +136,7 @@ def collect_answered(directory: Path, questions: list[EvalQuestion], *,
     """All answers already on disk for this benchmark (by ``EvalQuestion.answer_key``): the merged file and every
     shard file. Only ``own`` (the file this process appends to) is repaired in place."""
     answered: dict[AnswerKey, dict[str, Any]] = {}
-    for path in [directory / PREDICTIONS_FILE, *shard_files(directory)]:
+    for path in [directory / PREDICTIONS, *shard_files(directory)]:
         rows = check_rows(read_predictions(path, repair=path == own), path, questions)
         for key, row in rows.items():
             answered.setdefault(key, row)  # a question in two files: the merged file wins
@@ -145,7 +145,7 @@ def collect_answered(directory: Path, questions: list[EvalQuestion], *,
 
 def merge(directory: Path, questions: list[EvalQuestion]) -> dict[AnswerKey, dict[str, Any]]:
     """Fold every shard file into ``predictions.jsonl`` (question order) and delete the shards."""
-    merged = directory / PREDICTIONS_FILE
+    merged = directory / PREDICTIONS
     answered = collect_answered(directory, questions, own=merged)
     write_ordered(merged, questions, answered)
     for path in shard_files(directory):

@@ -15,15 +15,10 @@ from tqdm.auto import tqdm
 
 from road_vlm.data.images import load_image
 from road_vlm.eval.common import EvalQuestion
-from road_vlm.eval.predictions import (
-    PREDICTIONS_FILE,
-    append_rows,
-    collect_answered,
-    merge,
-    shard_file,
-)
+from road_vlm.eval.predictions import append_rows, collect_answered, merge, shard_file
 from road_vlm.generation import GenerationRequest, SamplingParams, generate_batch, prepare_prompt
 from road_vlm.model import LoadedVLM
+from road_vlm.filenames import PREDICTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +85,7 @@ def run_benchmark(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    own = out / PREDICTIONS_FILE if world_size == 1 else shard_file(out, rank, world_size)
+    own = out / PREDICTIONS if world_size == 1 else shard_file(out, rank, world_size)
     answered = collect_answered(out, questions, own=own)
     work = questions if limit is None else questions[:limit]
     start, end = shard_bounds(len(work), rank, world_size)

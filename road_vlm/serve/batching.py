@@ -52,10 +52,9 @@ from road_vlm.generation import (
     prepare_raw_prompt,
 )
 from road_vlm.generation.decode import Finished
+from road_vlm.filenames import PROJECTOR
 
 logger = logging.getLogger(__name__)
-
-PROJECTOR_FILE = "projector.safetensors"
 
 
 MAX_COMPOSED_PARTS = 4
@@ -110,7 +109,7 @@ class _ProjectorBank(nn.Module):
 
 def _read_projector(directory: Path, base: nn.Module, prefix: str) -> nn.Module:
     """A copy of ``base`` holding the adapter's trained projector weights (every tensor checked)."""
-    file = directory / PROJECTOR_FILE
+    file = directory / PROJECTOR
     expected = {f"{prefix}.{n}": p for n, p in base.named_parameters()}
     module = copy.deepcopy(base)
     params = dict(module.named_parameters())
@@ -235,7 +234,7 @@ class ServingEngine:
             directory = Path(directory)
             try:
                 load_adapter(loaded.model, directory, name, load_projector=False)
-                if (directory / PROJECTOR_FILE).is_file():
+                if (directory / PROJECTOR).is_file():
                     projectors[name] = _read_projector(directory, base_projector, prefix).to(device)
                 saved = PromptFormat.load(directory)
             except AdapterLoadError:

@@ -21,13 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from road_vlm.data.template import PROMPT_FORMAT_FILE, PromptFormat
+from road_vlm.data.template import PromptFormat
 from road_vlm.model import load_vlm
 from road_vlm.outputs import fresh_output, publish
+from road_vlm.filenames import HF_CONFIG, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR, PROMPT_FORMAT
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PROJECTOR_FILE = "projector.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -37,7 +35,7 @@ class ExportError(ValueError):
 
 def _checkpoint_dtype(model: str | Path) -> str | None:
     """The dtype a local checkpoint was saved in (so a bf16 base is exported as bf16), else None."""
-    config = Path(str(model)) / "config.json"
+    config = Path(str(model)) / HF_CONFIG
     if not config.is_file():
         return None
     data = json.loads(config.read_text())
@@ -120,7 +118,7 @@ def export_peft(
     is_lora = config.variant == "lora"
     allowed = (".lora_A.weight", ".lora_B.weight") if is_lora else (".road_theta", ".road_alpha")
     tensors: dict[str, torch.Tensor] = {}
-    weights = adapter / WEIGHTS_FILE
+    weights = adapter / ADAPTER_WEIGHTS
     modules_to_save = None
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
@@ -129,7 +127,7 @@ def export_peft(
                 if not key.startswith(PEFT_PREFIX) or not key.endswith(allowed):
                     raise ExportError(f"{weights}: unexpected tensor {key!r} in a {config.variant} adapter")
                 tensors[key] = f.get_tensor(key)
-        projector = adapter / PROJECTOR_FILE
+        projector = adapter / PROJECTOR
         if projector.is_file():
             with safe_open(str(projector), framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -161,10 +159,10 @@ def export_peft(
                        "init_weights": True, **common}
     tmp = fresh_output(output, overwrite)
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
-        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
         if PromptFormat.load(adapter) is not None:  # PEFT ignores it; it keeps the prompt format with the weights
-            shutil.copyfile(adapter / PROMPT_FORMAT_FILE, tmp / PROMPT_FORMAT_FILE)
+            shutil.copyfile(adapter / PROMPT_FORMAT, tmp / PROMPT_FORMAT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,14 +42,13 @@ from road_vlm.data.template import PromptFormat
 from road_vlm.outputs import file_sha256
 from road_vlm.train.config import TrainingConfig
 from road_vlm.train.distributed import DistInfo, barrier
+from road_vlm.filenames import TRAINER_STATE, CHECKPOINT_MANIFEST
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
-STATE_FILE = "trainer_state.json"
 ENGINE_TAG = "deepspeed"
-MANIFEST_FILE = "road_vlm_manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -73,16 +72,16 @@ class TrainerState:
     loss_history: list[dict[str, float]] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:
-        (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
+        (directory / TRAINER_STATE).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> TrainerState:
-        path = directory / STATE_FILE
+        path = directory / TRAINER_STATE
         try:
             data = json.loads(path.read_text())
             return cls(**data)
         except FileNotFoundError as err:
-            raise CheckpointError(f"{directory}: not a road_vlm checkpoint (no {STATE_FILE})") from err
+            raise CheckpointError(f"{directory}: not a road_vlm checkpoint (no {TRAINER_STATE})") from err
         except (json.JSONDecodeError, TypeError) as err:
             raise CheckpointError(f"{path}: unreadable trainer state: {err}") from err
 
@@ -94,7 +93,7 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for child in output_dir.iterdir():
         match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and (child / STATE_FILE).is_file():
+        if match and child.is_dir() and (child / TRAINER_STATE).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -118,8 +117,8 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
         path = latest_checkpoint(output_dir)
     else:
         path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise CheckpointError(f"train.resume={resume}: not a checkpoint directory (no {STATE_FILE})")
+        if not (path / TRAINER_STATE).is_file():
+            raise CheckpointError(f"train.resume={resume}: not a checkpoint directory (no {TRAINER_STATE})")
     if path is not None:
         verify_manifest(path)  # fail before the model loads; load_checkpoint checks again right before use
     return path
@@ -170,25 +169,25 @@ def load_rng_state(directory: Path, rank: int) -> None:
 
 
 def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST)
 
 
 def write_manifest(directory: Path) -> Path:
     """Record size and SHA-256 of every file under ``directory`` (call when everything else is written)."""
     files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in _files(directory)}
-    path = directory / MANIFEST_FILE
+    path = directory / CHECKPOINT_MANIFEST
     path.write_text(json.dumps({"format": "road_vlm checkpoint", "version": 1, "files": files}, indent=1) + "\n")
     return path
 
 
 def verify_manifest(directory: Path) -> None:
     """Refuse a checkpoint this package did not write, or one changed since: DeepSpeed will unpickle its files."""
-    path = directory / MANIFEST_FILE
+    path = directory / CHECKPOINT_MANIFEST
     hint = ("DeepSpeed unpickles checkpoint files, which can run code, so road_vlm resumes only from checkpoints "
             "it wrote; move it out of the output directory or choose a new output.dir")
     if not path.is_file():
-        raise CheckpointError(f"{directory}: no {MANIFEST_FILE} (not written by road_vlm, or by a version without "
+        raise CheckpointError(f"{directory}: no {CHECKPOINT_MANIFEST} (not written by road_vlm, or by a version without "
                               f"manifests). {hint}")
     try:
         listed = json.loads(path.read_text())["files"]

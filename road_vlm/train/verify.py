@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from road_vlm.train.distributed import DistInfo, barrier, broadcast_object
-
-CHECK_FILE = "reload_check.safetensors"
+from road_vlm.filenames import RELOAD_CHECK
 
 
 def probe_index(dataset: Any) -> int:
@@ -55,7 +54,7 @@ def verify_saved_adapter(
         save_file({"trained": trained.contiguous(), "reloaded": reloaded.contiguous(),
                    "input_ids": batch["input_ids"].contiguous(), "attention_mask": batch["attention_mask"].contiguous(),
                    **({"pixel_values": batch["pixel_values"].contiguous()} if batch["pixel_values"] is not None else {})},
-                  str(output_dir / CHECK_FILE), metadata={"sample_id": str(batch["ids"][0])})
+                  str(output_dir / RELOAD_CHECK), metadata={"sample_id": str(batch["ids"][0])})
         result = {"sample_id": str(batch["ids"][0]), "checkpoint": str(checkpoint), "max_abs_diff": diff}
     result = broadcast_object(result)
     barrier()

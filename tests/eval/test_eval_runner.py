@@ -18,9 +18,10 @@ from road_vlm.eval import evaluate, gqa, pope, scienceqa, textvqa
 from road_vlm.eval.benchmarks import BENCHMARKS
 from road_vlm.eval.commands import register
 from road_vlm.eval.common import EvalQuestion
-from road_vlm.eval.predictions import PREDICTIONS_FILE, merge, read_predictions
+from road_vlm.eval.predictions import merge, read_predictions
 from road_vlm.eval.runner import answer_batch, run_benchmark
 from road_vlm.model import load_vlm
+from road_vlm.filenames import PREDICTIONS
 
 NEW_TOKENS = 4  # an untrained model never stops by itself; keep generation short
 
@@ -49,7 +50,7 @@ def mixed_questions(data_root: Path) -> list[EvalQuestion]:
 def reference(loaded, mixed_questions: list[EvalQuestion], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ref")
     run_benchmark(loaded, mixed_questions, out, model_id="tiny", batch_size=len(mixed_questions), progress=False)
-    return read_predictions(out / PREDICTIONS_FILE)
+    return read_predictions(out / PREDICTIONS)
 
 
 def _texts(rows: list[dict]) -> list[tuple]:
@@ -73,13 +74,13 @@ def test_generation_strips_the_prompt(loaded, mixed_questions: list[EvalQuestion
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_predictions_do_not_depend_on_batch_size(loaded, mixed_questions, reference, tmp_path: Path, batch_size: int) -> None:
     run_benchmark(loaded, mixed_questions, tmp_path, model_id="tiny", batch_size=batch_size, progress=False)
-    assert _texts(read_predictions(tmp_path / PREDICTIONS_FILE)) == _texts(reference)
+    assert _texts(read_predictions(tmp_path / PREDICTIONS)) == _texts(reference)
 
 
 def test_kill_and_resume_equals_one_run(loaded, mixed_questions, reference, tmp_path: Path) -> None:
     # A first run that got through 4 questions, then died while writing the next batch.
     run_benchmark(loaded, mixed_questions[:4], tmp_path, model_id="tiny", batch_size=2, progress=False)
-    path = tmp_path / PREDICTIONS_FILE
+    path = tmp_path / PREDICTIONS
     with path.open("a") as handle:
         handle.write('{"question_id": "half-writ')
     answered = run_benchmark(loaded, mixed_questions, tmp_path, model_id="tiny", batch_size=2, progress=False)
@@ -92,9 +93,9 @@ def test_two_ranks_equal_one_process(loaded, mixed_questions, reference, tmp_pat
     for rank in (1, 0):  # order does not matter
         run_benchmark(loaded, mixed_questions, tmp_path, model_id="tiny", batch_size=2, rank=rank, world_size=2,
                       progress=False)
-    assert not (tmp_path / PREDICTIONS_FILE).exists()
+    assert not (tmp_path / PREDICTIONS).exists()
     merge(tmp_path, mixed_questions)
-    assert _texts(read_predictions(tmp_path / PREDICTIONS_FILE)) == _texts(reference)
+    assert _texts(read_predictions(tmp_path / PREDICTIONS)) == _texts(reference)
 
 
 def _make_checkpoints(base: Path, run: Path) -> list[Path]:
@@ -128,12 +129,12 @@ def test_evaluate_end_to_end_on_synthetic_benchmarks(tiny_llava_dir: Path, data_
     for row_name, scores in results["rows"].items():
         assert set(scores) == set(BENCHMARKS)
         for name in BENCHMARKS:
-            rows = read_predictions(out / row_name / name / PREDICTIONS_FILE)
+            rows = read_predictions(out / row_name / name / PREDICTIONS)
             assert len(rows) == 3 and all(r["model_id"] == row_name for r in rows)
             assert BENCHMARKS[name].score(rows, data_root, limit=3) == scores[name]
         assert 0.0 <= scores["pope"]["f1_mean"] <= 100.0
     # The two checkpoints really are different models.
-    a, b = (read_predictions(out / n / "gqa" / PREDICTIONS_FILE) for n in ("checkpoint-10", "checkpoint-20"))
+    a, b = (read_predictions(out / n / "gqa" / PREDICTIONS) for n in ("checkpoint-10", "checkpoint-20"))
     assert [r["text"] for r in a] != [r["text"] for r in b]
     assert json.loads((out / "results.json").read_text()) == results
     md = (out / "results.md").read_text()
@@ -171,7 +172,7 @@ def test_eval_textvqa_with_shared_question_ids_matches_score_and_llavas_scorer(
     out = tmp_path / "out"
     results = evaluate(tiny_llava_dir, None, "textvqa", data_root, out, batch_size=2, max_new_tokens=NEW_TOKENS,
                        progress=False)
-    rows = read_predictions(out / "base" / "textvqa" / PREDICTIONS_FILE)
+    rows = read_predictions(out / "base" / "textvqa" / PREDICTIONS)
     assert [(r["question_id"], r["prompt"]) for r in rows] == [(q.question_id, q.prompt) for q in questions]
     # Give some answers the right word so the score is not trivially 0 (the untrained model's are gibberish).
     truth = {(a["image_id"], a["question"]): a["answers"][0]
@@ -193,7 +194,7 @@ def test_eval_textvqa_with_shared_question_ids_matches_score_and_llavas_scorer(
     assert official > 30.0
     assert scored["accuracy"] == pytest.approx(official)
     assert results["rows"]["base"]["textvqa"]["accuracy"] == pytest.approx(
-        _llava_eval_textvqa(data_root, read_predictions(out / "base" / "textvqa" / PREDICTIONS_FILE)))
+        _llava_eval_textvqa(data_root, read_predictions(out / "base" / "textvqa" / PREDICTIONS)))
 
 
 def test_sequential_ranks_equal_single_process(tiny_llava_dir: Path, data_root: Path, tmp_path: Path) -> None:
@@ -205,11 +206,11 @@ def test_sequential_ranks_equal_single_process(tiny_llava_dir: Path, data_root: 
     sharded = evaluate(tiny_llava_dir, None, output=tmp_path / "sharded", rank=1, world_size=2, **kwargs)
     assert sharded["rows"] == single["rows"]
     for name in ("pope", "scienceqa"):
-        assert _texts(read_predictions(tmp_path / "sharded/base" / name / PREDICTIONS_FILE)) == \
-            _texts(read_predictions(tmp_path / "single/base" / name / PREDICTIONS_FILE))
+        assert _texts(read_predictions(tmp_path / "sharded/base" / name / PREDICTIONS)) == \
+            _texts(read_predictions(tmp_path / "single/base" / name / PREDICTIONS))
     # A smaller limit over existing answers needs no generation and scores only its subset.
     smaller = evaluate(None, None, output=tmp_path / "single", **{**kwargs, "limit": 2})  # type: ignore[arg-type]
-    rows = read_predictions(tmp_path / "single/base/pope" / PREDICTIONS_FILE)
+    rows = read_predictions(tmp_path / "single/base/pope" / PREDICTIONS)
     assert len(rows) == 5 and smaller["rows"]["base"]["pope"] == pope.score(rows[:2], data_root, limit=2)
 
 
@@ -257,7 +258,7 @@ def test_eval_cli_writes_the_results_table(tiny_llava_dir: Path, data_root: Path
                               "--batch-size", "2", "--no-progress"])
     assert args.func(args) == 0
     assert "| base |" in capsys.readouterr().out
-    assert len(read_predictions(out / "base/textvqa" / PREDICTIONS_FILE)) == 2
+    assert len(read_predictions(out / "base/textvqa" / PREDICTIONS)) == 2
     (data_root / "textvqa/TextVQA_0.5.1_val.json").rename(tmp_path / "moved.json")
     try:
         args = parser.parse_args(["eval", "--model", str(tiny_llava_dir), "--benchmarks", "textvqa", "--data-root",
@@ -287,5 +288,5 @@ def test_torchrun_two_processes_equal_single_process(tiny_llava_dir: Path, data_
     dist = json.loads((tmp_path / "dist/results.json").read_text())
     assert dist["rows"] == single["rows"]
     for name in ("gqa", "scienceqa"):
-        assert _texts(read_predictions(tmp_path / "dist/base" / name / PREDICTIONS_FILE)) == \
-            _texts(read_predictions(tmp_path / "single/base" / name / PREDICTIONS_FILE))
+        assert _texts(read_predictions(tmp_path / "dist/base" / name / PREDICTIONS)) == \
+            _texts(read_predictions(tmp_path / "single/base" / name / PREDICTIONS))
