@@ -27,9 +27,9 @@ $(DEV_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/road-vlm demo $(DEMO_ARGS)
 
-# The whole suite, slow end-to-end tests included (this is what CI runs).
+# The whole suite, slow end-to-end tests included (this is what CI runs); the 25 slowest tests are listed at the end.
 test: $(DEV_STAMP)
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra; rc=$$?; \
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; exit $$rc
 
 # Everything except the tests marked slow.
