@@ -63,9 +63,9 @@ def contiguous_lm_head_input(model: Any) -> Any:
     """Make the language-model head see a contiguous input (idempotent; returns ``model``).
 
     transformers' LLaVA feeds the head ``hidden_states[:, -1:, :]`` at every decode step, a strided view. In
-    torch 2.13 on the CPU, ``F.linear`` on a strided 3-D input with a *frozen* weight takes a slow path: 31 s
-    instead of 17 ms for LLaVA-7B's head in bf16 at batch 32 (0.55 s instead of 0.07 s in fp32), measured by
-    ``scripts/repro_strided_linear.py``. Every model road_vlm builds is frozen, so every generate paid it.
+    torch 2.13 on the CPU, ``F.linear`` on a strided 3-D input with a *frozen* weight takes a slow path,
+    orders of magnitude slower than on a contiguous input (``scripts/repro_strided_linear.py`` measures it with
+    torch alone). Every model road_vlm builds is frozen, so every generate would pay it.
     Copying the [batch, 1, hidden] slice costs nothing next to the head's matmul.
     """
     head = model.get_output_embeddings()

@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
     """Add ``demo`` to the ``road-vlm`` command."""
     defaults = pipeline.DemoSettings()
     parser = subparsers.add_parser(
-        "demo", help="run the whole pipeline on a tiny model and synthetic data (CPU, about ten minutes)",
+        "demo", help="run the whole pipeline on a tiny model and synthetic data (CPU, a few minutes)",
         description=pipeline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--workdir", default=str(pipeline.default_workdir()),

@@ -1,4 +1,4 @@
-"""``road-vlm demo``: the whole pipeline on an embedded default, on CPU, in about ten minutes.
+"""``road-vlm demo``: the whole pipeline on an embedded default, on CPU, in minutes.
 
 1. data: synthetic shape/colour/sign images, instruction data and the four benchmarks in LLaVA's eval layout
 2. base: a tiny LLaVA-1.5-architecture base (real ``LlavaForConditionalGeneration``, real tokenizer files) in HF
@@ -13,7 +13,7 @@
 
 Each stage is timed and cached under the work directory with the settings it was built with: a second run reuses
 what the first built, a stage whose settings changed is rebuilt together with every stage after it, and
-``--fresh`` rebuilds everything. The chat question is asked again on every run (it takes a second).
+``--fresh`` rebuilds everything. The chat question is asked again on every run (one short generation).
 """
 
 from __future__ import annotations

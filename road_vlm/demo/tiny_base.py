@@ -178,10 +178,10 @@ def pretrain_tiny_llava(
        makes image tokens readable by the language model's own text circuits.
 
     ``text_steps`` and ``caption_steps`` optimizer steps. The text phase's lower learning rate is what makes the
-    yes/no questions learnable reliably: at 1e-3 "Is there a circle?" (about a scene in words) ended anywhere
-    between chance and 99 % depending on the batch order. A real LLaVA-1.5 checkpoint never goes through this; the
-    RoAd stage afterwards uses the real DeepSpeed recipe. Single process on purpose (a one-off of about three
-    minutes); data go through the same dataset and collator as training.
+    yes/no questions learnable reliably: at 1e-3, whether "Is there a circle?" (about a scene in words) was learned
+    at all depended on the batch order. A real LLaVA-1.5 checkpoint never goes through this; the RoAd stage
+    afterwards uses the real DeepSpeed recipe. Single process on purpose (a one-off); data go through the same
+    dataset and collator as training.
     """
     import random
 

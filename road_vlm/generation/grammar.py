@@ -27,7 +27,7 @@ class GrammarError(ValueError):
 
 
 def _ll_tokenizer(tokenizer: Any) -> Any:
-    """llguidance's view of a fast HF tokenizer (about a second to build: once per tokenizer)."""
+    """llguidance's view of a fast HF tokenizer (costly to build: once per tokenizer)."""
     import llguidance.hf
 
     with _tokenizers_lock:

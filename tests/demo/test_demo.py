@@ -47,7 +47,7 @@ def test_demo_tuned_model_beats_the_shipped_base_for_every_seed_and_reuses_its_s
             shortfalls.append((seed, "chat", chat["answer"], chat["expected"]))
     assert not shortfalls, shortfalls
 
-    # The workdir layout the README promises, the chart next to the loss curve, the summary's parts.
+    # The workdir layout docs/demo.md promises, the chart next to the loss curve, the summary's parts.
     for sub in ("base", "data/train", "data/eval", "run", "eval"):
         assert (workdir / sub).is_dir(), sub
     assert (workdir / "eval" / "results.md").is_file()
