@@ -14,12 +14,13 @@ Adapters on the quantized linears live in ``road_vlm.adapters.bnb``. bitsandbyte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union, get_args
 
 import torch
 from torch import nn
 
-METHODS = ("none", "nf4", "fp4", "int8")
+QuantizationMethod = Literal["none", "nf4", "fp4", "int8"]
+METHODS: tuple[str, ...] = get_args(QuantizationMethod)
 # Full module paths in transformers 5.x's LlavaForConditionalGeneration (see the module docstring).
 UNQUANTIZED = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 # DeepSpeed ``data_types.keep_in_fp32_modules`` patterns: the language model's norms under bf16/fp16 training.

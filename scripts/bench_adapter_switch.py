@@ -11,7 +11,7 @@ Reported (JSON; medians): ``enter_exit_ms`` (building and dropping the tables), 
 (a single-token forward right after entering a block, minus the same forward inside a block already used:
 the per-layer row gathers done once per block).
 
-    python scripts/bench_adapter_switch.py            # ~1 min on 2 CPU cores
+    python scripts/bench_adapter_switch.py
     python scripts/bench_adapter_switch.py --quick    # smoke run
 """
 
@@ -23,24 +23,9 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-
-def build(num_layers: int, width: int) -> torch.nn.Module:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=28, patch_size=14)
-    text = LlamaConfig(hidden_size=width, intermediate_size=width * 11008 // 4096 // 64 * 64,
-                       num_hidden_layers=num_layers, num_attention_heads=max(1, width // 64), vocab_size=1000)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=999)
-    return LlavaForConditionalGeneration(config).eval()
+from _common import llava15_7b_narrow_config, randomize_
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from road_vlm.adapters import AdapterConfig, adapted_layers, add_adapter, per_sample_adapters
 
-    model = build(args.num_layers, args.width)
-    generator = torch.Generator().manual_seed(0)
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration(llava15_7b_narrow_config(args.num_layers, args.width)).eval()
     for i in range(args.adapters):
         add_adapter(model, AdapterConfig(variant="road4", group_size=64), f"a{i}")
-        with torch.no_grad():
-            for layer in adapted_layers(model).values():
-                for p in layer.adapter_parameters(f"a{i}").values():
-                    p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+        randomize_([p for layer in adapted_layers(model).values() for p in layer.adapter_parameters(f"a{i}").values()],
+                   seed=i)
     model.eval()
     # Row sets as requests come and go: each shifts the previous one by one adapter.
     row_sets = [[f"a{(start + j) % args.adapters}" for j in range(args.in_batch)] for start in range(8)]

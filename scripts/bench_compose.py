@@ -19,8 +19,8 @@ inputs as the base had them, which is what composing on disjoint pairs relies on
 Printed as JSON (and a markdown table): each score, each adapter's gain over the base on its own task, and the
 share of that gain the combination keeps ("retained"). Target: the composed RoAd adapter keeps >= 90% on both.
 
-    python scripts/bench_compose.py                      # ~15 min on 2 CPU cores (reuses the demo's base)
-    python scripts/bench_compose.py --quick              # pipeline smoke test on a random tiny base (~2 min)
+    python scripts/bench_compose.py                      # reuses the demo's base
+    python scripts/bench_compose.py --quick              # pipeline smoke test on a random tiny base
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO
 
 TASKS = {"shapes": "gqa", "text": "textvqa"}  # task -> the benchmark that measures it
 SUBSETS = {"shapes": "1/2", "text": "2/2"}

@@ -8,7 +8,7 @@ records with a ``model`` field and long answers; image files are a small shared 
 COCO images), then runs the real recipe (``configs/demo.yaml`` on a tiny random base, ``data.max_length`` 2048,
 modality-grouped sampling, ``deepspeed --num_gpus 2``, one step) and samples every rank's resident memory.
 
-    python scripts/bench_data.py                  # 665,000 records (1.45 GB file), ~3 min on 2 CPU cores
+    python scripts/bench_data.py                  # 665,000 records (1.45 GB file)
     python scripts/bench_data.py --quick          # 3,000 records: checks the script runs
 
 Prints one JSON object. Targets (issue 17): first step in under 5 minutes, peak RSS under 4 GB per rank.
@@ -28,8 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO
+
 GIB = 2 ** 30
 IMAGE_DIRS = ("coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K")
 

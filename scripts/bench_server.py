@@ -16,7 +16,7 @@ time to first token (first streamed text after sending; p50/p95), inter-token la
 pieces; p50/p95), rejected requests (429), and the continuous/static ratios. Everything stays on loopback and is
 bounded (request count, per-request timeout, queue size).
 
-    python scripts/bench_server.py                  # 4 servers, ~5 min on 2 CPU cores
+    python scripts/bench_server.py                  # 4 servers
     python scripts/bench_server.py --quick          # smoke run (seconds of load per server)
 """
 
@@ -39,9 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _common import REPO
 
 SENTENCE = "Describe the image briefly."
 MAX_TOKENS = (4, 8, 16, 32, 64, 128)

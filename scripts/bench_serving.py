@@ -5,7 +5,7 @@ For each system and each N in --adapters (default 1 4 16 32), N distinct adapter
 ``generate()`` call (EOS suppressed, so every row really generates that many). Reported: generated tokens per
 second (median of --repeats timed runs after one warm-up run), and ratios against PEFT LoRA and the base.
 
-  python scripts/bench_serving.py                  # tiny LLaVA on CPU (minutes on 2 cores)
+  python scripts/bench_serving.py                  # tiny LLaVA on CPU
   python scripts/bench_serving.py --preset 7b      # LLaVA-1.5-7B shapes, random weights, bf16 on a GPU
   python scripts/bench_serving.py --profile        # + where road_vlm's time above the base goes, per operator
 
@@ -30,17 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import llava15_7b_config, randomize_
 
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
 def build_base(preset: str, device: str, dtype: torch.dtype, workdir: Path, num_layers: int | None = None) -> Any:
     """The base LlavaForConditionalGeneration: the tiny test model, or LLaVA-1.5-7B shapes with random weights."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     if preset == "tiny":
         from road_vlm.model import load_base
@@ -48,14 +45,7 @@ def build_base(preset: str, device: str, dtype: torch.dtype, workdir: Path, num_
 
         model, _ = load_base(build_tiny_llava(workdir / "tiny"), device=device, dtype=dtype)
         return model
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers or 32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=0,
-                         projector_hidden_act="gelu", vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", image_seq_length=576)
+    config = llava15_7b_config(num_layers)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -66,13 +56,6 @@ def build_base(preset: str, device: str, dtype: torch.dtype, workdir: Path, num_
     from road_vlm.model import contiguous_lm_head_input
 
     return contiguous_lm_head_input(model.eval())  # as road_vlm's loader builds every model
-
-
-def _randomise(params: list[torch.nn.Parameter], seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=generator).to(p.device, p.dtype) * 0.02)
 
 
 def _inputs(batch: int, prompt_len: int, vocab: int, device: str) -> dict[str, torch.Tensor]:
@@ -103,7 +86,7 @@ def road_vlm_system(model: Any, args: argparse.Namespace) -> Callable[[list[str]
     for i in range(max(args.adapters)):
         name = f"a{i}"
         add_adapter(model, AdapterConfig(variant="road4", group_size=args.group_size), name)
-        _randomise([p for layer in adapted_layers(model).values() for p in layer.adapter_parameters(name).values()],
+        randomize_([p for layer in adapted_layers(model).values() for p in layer.adapter_parameters(name).values()],
                    seed=i)
     model.eval()
 
@@ -131,7 +114,7 @@ def peft_system(model: Any, kind: str, args: argparse.Namespace) -> Callable[[li
     for i in range(1, max(args.adapters)):
         peft_model.add_adapter(f"a{i}", config(), autocast_adapter_dtype=False)
     if kind == "road4":
-        _randomise([p for name, p in peft_model.named_parameters() if "road_" in name], seed=0)
+        randomize_([p for name, p in peft_model.named_parameters() if "road_" in name], seed=0)
     peft_model.eval()
 
     def run(names: list[str], kwargs: dict[str, Any]) -> None:
@@ -238,39 +221,8 @@ def _python_hotspots(fn: Callable[[], Any], top: int = 10) -> dict[str, float]:
     return {name: round(ms, 2) for name, ms in rows}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=["tiny", "7b"], default="tiny")
-    parser.add_argument("--device", default=None, help="default: cpu for tiny, cuda for 7b")
-    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=None, help="default: 32 (tiny), 128 (7b)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default: 32 (tiny), 64 (7b)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--group-size", type=int, default=None, help="RoAd group size (default: 8 tiny, 64 7b)")
-    parser.add_argument("--systems", nargs="+", default=["road_vlm_road4", "peft_road4", "peft_lora16"],
-                        choices=["road_vlm_road4", "peft_road4", "peft_lora16"])
-    parser.add_argument("--num-layers", type=int, default=None,
-                        help="7b preset: fewer decoder layers (same layer shapes), for a quick check")
-    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 for tiny on CPU)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile road_vlm against the base once and report where the extra time goes")
-    args = parser.parse_args(argv)
-    tiny = args.preset == "tiny"
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by PEFT) otherwise logs to stdout
-    args.device = args.device or ("cpu" if tiny else "cuda")
-    args.prompt_len = args.prompt_len or (32 if tiny else 128)
-    args.new_tokens = args.new_tokens or (32 if tiny else 64)
-    args.group_size = args.group_size or (8 if tiny else 64)
-    if max(args.adapters) > args.batch_size:
-        parser.error("--batch-size must be at least the largest --adapters value (one row per adapter at least)")
-    if args.threads or (tiny and args.device == "cpu"):
-        # The tiny model's matmuls gain nothing from threads; one thread is steadier on a shared machine.
-        torch.set_num_threads(args.threads or 1)
-    dtype = torch.float32 if tiny else torch.bfloat16
-
+def measure(args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str, dict[str, list[float]]], Any]:
+    """Seconds per ``generate`` of every system, by adapter count; and the profile breakdown (``--profile``)."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
 
@@ -309,8 +261,43 @@ def main(argv: list[str] | None = None) -> int:
                 n = max(args.adapters)
                 breakdown = overhead_breakdown(systems, [f"a{i % n}" for i in range(args.batch_size)], kwargs,
                                                args.device)
-        del systems, base_model
-        gc.collect()
+    return timings, breakdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["tiny", "7b"], default="tiny")
+    parser.add_argument("--device", default=None, help="default: cpu for tiny, cuda for 7b")
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=None, help="default: 32 (tiny), 128 (7b)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 32 (tiny), 64 (7b)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=None, help="RoAd group size (default: 8 tiny, 64 7b)")
+    parser.add_argument("--systems", nargs="+", default=["road_vlm_road4", "peft_road4", "peft_lora16"],
+                        choices=["road_vlm_road4", "peft_road4", "peft_lora16"])
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="7b preset: fewer decoder layers (same layer shapes), for a quick check")
+    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 for tiny on CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile road_vlm against the base once and report where the extra time goes")
+    args = parser.parse_args(argv)
+    tiny = args.preset == "tiny"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by PEFT) otherwise logs to stdout
+    args.device = args.device or ("cpu" if tiny else "cuda")
+    args.prompt_len = args.prompt_len or (32 if tiny else 128)
+    args.new_tokens = args.new_tokens or (32 if tiny else 64)
+    args.group_size = args.group_size or (8 if tiny else 64)
+    if max(args.adapters) > args.batch_size:
+        parser.error("--batch-size must be at least the largest --adapters value (one row per adapter at least)")
+    if args.threads or (tiny and args.device == "cpu"):
+        # The tiny model's matmuls gain nothing from threads; one thread is steadier on a shared machine.
+        torch.set_num_threads(args.threads or 1)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    timings, breakdown = measure(args, dtype)
+    gc.collect()  # the systems' models are gone with measure's frame
 
     tokens = args.batch_size * args.new_tokens
     results = {name: {n: tokens / statistics.median(t) for n, t in per_n.items()} for name, per_n in timings.items()}

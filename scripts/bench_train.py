@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import IMAGE_SIZE, IMAGE_TOKEN_ID, NUM_IMAGE_TOKENS, llava15_7b_config
+
 METHODS = ("road4", "road1_lora", "lora_r128", "peft_road4", "road4_nf4")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -33,7 +35,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _build_model(preset: str, device: str, dtype, num_layers: int | None = None, quantization: str = "none"):
     """(model, image_token_id, num_image_tokens, image_size)."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from road_vlm.model import load_base
 
@@ -57,21 +59,14 @@ def _build_model(preset: str, device: str, dtype, num_layers: int | None = None,
             model, _ = load_base(tmp, device=device, dtype=dtype, quantization=quantization)
         model.config.use_cache = False
         return (model, *rest)
-    # LLaVA-1.5-7B: CLIP ViT-L/14-336 + 2-layer GELU projector + Vicuna-7B (llava-hf/llava-1.5-7b-hf shapes).
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers or 32,
-                       num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
-                         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576)
+    config = llava15_7b_config(num_layers)
     config._attn_implementation = "sdpa"
     torch.set_default_dtype(dtype)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config)  # random weights: only shapes matter for time and memory
     torch.set_default_dtype(torch.float32)
     model.config.use_cache = False
-    return model, 32000, 576, 336
+    return model, IMAGE_TOKEN_ID, NUM_IMAGE_TOKENS, IMAGE_SIZE
 
 
 def _attach(model, method: str) -> None:

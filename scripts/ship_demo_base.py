@@ -14,12 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from road_vlm.demo.pipeline import STAGES_FILE, Workdir  # noqa: E402
-from road_vlm.demo.shipped_base import SHIPPED_BASE, ship_base  # noqa: E402
+from road_vlm.demo.pipeline import STAGES_FILE, Workdir
+from road_vlm.demo.shipped_base import SHIPPED_BASE, ship_base
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from road_vlm.filenames import PROMPT_FORMAT
@@ -36,9 +36,11 @@ SYSTEM_V1 = (
 ROLES = ("USER", "ASSISTANT")
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
-TEMPLATES = ("vicuna_v1", "plain")
+Template = Literal["vicuna_v1", "plain"]
+TEMPLATES: tuple[str, ...] = get_args(Template)
 TRAINING_ONLY_TEMPLATES = ("plain",)
-IMAGE_ASPECT_RATIOS = ("pad", "crop")
+ImageAspectRatio = Literal["pad", "crop"]  # pad: LLaVA-1.5's expand2square; crop: the bare CLIP processor
+IMAGE_ASPECT_RATIOS: tuple[str, ...] = get_args(ImageAspectRatio)
 
 
 class LabelingError(ValueError):

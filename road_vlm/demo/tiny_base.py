@@ -186,18 +186,14 @@ def pretrain_tiny_llava(
     import random
 
     from road_vlm.data.collator import SupervisedCollator
+    from road_vlm.data.config import DataConfig
     from road_vlm.data.dataset import LazySupervisedDataset
+    from road_vlm.data.indexing import Tokenization
     from road_vlm.model import load_base, num_image_tokens
 
     torch.manual_seed(seed)
     model, processor = load_base(init_dir, dtype=torch.float32)
-    encode = dict(
-        tokenizer=processor.tokenizer,
-        image_processor=processor.image_processor,
-        num_image_tokens=num_image_tokens(processor),
-        image_token_id=model.config.image_token_index,
-        max_length=512,
-    )
+    tokenization = Tokenization(processor.tokenizer, num_image_tokens(processor), model.config.image_token_index)
     collate = SupervisedCollator(pad_token_id=processor.tokenizer.pad_token_id)
     rng = random.Random(seed)
     is_vision = {name: ("vision_tower" in name or "multi_modal_projector" in name)
@@ -207,7 +203,8 @@ def pretrain_tiny_llava(
     model.train()
     for desc, data, vision, steps, learning_rate in phases:
         # Tokenised and decoded once: a few thousand tiny samples, each drawn many times.
-        lazy = LazySupervisedDataset(data, **encode)
+        lazy = LazySupervisedDataset(DataConfig(path=str(data), max_length=512), tokenization,
+                                     processor.image_processor)
         dataset = [lazy[i] for i in range(len(lazy))]
         for name, param in model.named_parameters():
             param.requires_grad_(is_vision[name] == vision)

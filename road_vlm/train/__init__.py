@@ -1,4 +1,9 @@
-"""Training: the config schema, the DeepSpeed training loop, checkpoints and resume.
+"""Training an adapter (and optionally the projector) on LLaVA instruction data with DeepSpeed: the config
+schema and its overrides, the run's stages, checkpoints and resume, and the reports a run leaves behind.
+
+``config`` (the YAML schema) -> ``trainer`` (the stages of a run) using ``model_setup`` (base + adapter),
+``data_setup`` (the data indexed across ranks), ``ds_config`` (DeepSpeed's JSON), ``optim``, ``loss``,
+``checkpoint`` and ``reporting``; ``entry`` and ``commands`` are the command line.
 
 ``deepspeed scripts/train.py --config configs/<name>.yaml [section.key=value ...]`` or ``road-vlm train``.
 """

@@ -211,7 +211,7 @@ def verify_manifest(directory: Path) -> None:
 def exclude_quantized_state(model: Any) -> None:
     """Keep the quantized layers' packed weights and quantization constants (frozen base state, reloaded with the
     base like every frozen weight) out of DeepSpeed's module checkpoint: its ``exclude_frozen_parameters`` drops
-    frozen *parameters* only, which left ~100 MB of NF4 block scales in every checkpoint of a 7B run."""
+    frozen *parameters* only, which would keep the NF4 block scales (~100 MB for 7B) in every checkpoint."""
     from road_vlm.adapters.bnb import quantization_kind
 
     def drop(module: Any, state_dict: dict, prefix: str, _metadata: Any) -> None:

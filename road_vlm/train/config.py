@@ -20,15 +20,22 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from road_vlm.adapters.config import AdapterConfig, AdapterConfigError
+from road_vlm.data.config import DataConfig
+from road_vlm.quantization import QuantizationMethod
+from road_vlm.train.optim import LrScheduler
+from road_vlm.train.reporting import ReportTo
 
 
 class ConfigError(ValueError):
     """A training configuration that is malformed, has unknown keys, or has values of the wrong type."""
+
+
+ModelDtype = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 
 
 @dataclass
@@ -36,24 +43,9 @@ class ModelConfig:
     """``model:`` section."""
 
     name_or_path: str = ""  # HF LLaVA checkpoint dir or hub id (required)
-    dtype: str = "auto"  # auto -> bf16/fp16 when train.bf16/fp16, else fp32; or float32|bfloat16|float16
-    quantization: str = "none"  # none | nf4 | fp4 | int8: the language model's linears (road_vlm.quantization)
+    dtype: ModelDtype = "auto"  # auto -> bf16/fp16 when train.bf16/fp16, else fp32; or float32|bfloat16|float16
+    quantization: QuantizationMethod = "none"  # none | nf4 | fp4 | int8: the language model's linears (road_vlm.quantization)
     double_quant: bool = True  # nf4/fp4: also quantize the per-block scales (QLoRA's double quantization)
-
-
-@dataclass
-class DataConfig:
-    """``data:`` section."""
-
-    path: str = ""  # LLaVA instruction data: a JSON array or JSONL file (required)
-    image_folder: str | None = None  # images are relative to this folder; default: the data file's folder
-    max_length: int = 2048  # tokens per sample after <image> expansion (LLaVA's model_max_length)
-    template: str = "vicuna_v1"  # conversation template: vicuna_v1 (LLaVA-1.5 "v1") or plain (stage 1)
-    image_aspect_ratio: str = "pad"  # pad (LLaVA-1.5 expand2square) | crop (bare CLIP processor)
-    group_by_modality_length: bool = False  # LLaVA's modality-grouped sampler (mixed image/text data only)
-    on_bad_image: str = "error"  # error | skip (skipped samples are counted and reported)
-    allow_images_outside_folder: bool = False  # image paths may leave image_folder (.., absolute, symlinks)
-    num_workers: int = 0  # DataLoader worker processes (image decoding)
 
 
 @dataclass
@@ -71,7 +63,7 @@ class TrainLoopConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    lr_scheduler: str = "cosine"  # cosine | linear | constant (all after linear warmup)
+    lr_scheduler: LrScheduler = "cosine"  # cosine | linear | constant (all after linear warmup)
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0  # fills DeepSpeed "gradient_clipping" when it is "auto" or absent; 0 = off
     bf16: bool = False
@@ -96,7 +88,7 @@ class OutputConfig:
     """``output:`` section."""
 
     dir: str = ""  # checkpoints, logs, loss.png, summary.json (required)
-    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    report_to: ReportTo = "tensorboard"  # tensorboard | wandb | none
 
 
 @dataclass
@@ -131,15 +123,6 @@ _SECTION_TYPES: dict[str, type] = {
     "deepspeed": DeepSpeedSection,
     "output": OutputConfig,
 }
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.template": ("vicuna_v1", "plain"),
-    "data.image_aspect_ratio": ("pad", "crop"),
-    "data.on_bad_image": ("error", "skip"),
-    "train.lr_scheduler": ("cosine", "linear", "constant"),
-    "output.report_to": ("tensorboard", "wandb", "none"),
-    "model.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
-    "model.quantization": ("none", "nf4", "fp4", "int8"),
-}
 _REQUIRED = ("model.name_or_path", "data.path", "output.dir")
 
 
@@ -157,6 +140,11 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:  # a setting with named choices: the Literal that types it lists them
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -201,9 +189,6 @@ def _build_section(name: str, raw: Any, source: str) -> Any:
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{dotted}' (known keys in '{name}': {', '.join(known)})")
         kwargs[key] = _coerce(dotted, value, hints[key], source)
-        choices = _CHOICES.get(dotted)
-        if choices is not None and kwargs[key] not in choices:
-            raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(choices)}, got {kwargs[key]!r}")
     try:
         return cls(**kwargs)
     except AdapterConfigError as err:

@@ -73,8 +73,7 @@ def init_distributed() -> DistInfo:
 def _limit_cpu_threads() -> None:
     """Share the cores between the processes of this node unless the user chose OMP_NUM_THREADS.
 
-    Every process defaulting to all cores oversubscribes the CPU (and gloo spin-waits), which made 2-process CPU
-    runs over 10x slower than with one thread each.
+    Every process defaulting to all cores oversubscribes the CPU, and gloo spin-waits on top of that.
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
@@ -94,6 +93,21 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def first_error(dist: DistInfo, fn, *args, **kwargs):
+    """Run ``fn``; if it raises on any rank, raise on every rank (no rank is left waiting in a collective)."""
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised below
+        error = err
+    flags = all_reduce_sum([1.0 if error is not None else 0.0], dist.device)
+    if error is not None:
+        raise error
+    if flags[0] > 0:
+        raise RuntimeError("another rank failed during setup (see its error above)")
+    return result
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(config_path: str, overrides: list[str]) -> int:
     """Load the config and train in this process; bad input becomes a one-line error and exit code 2."""
     from road_vlm.adapters import AdapterConfigError
-    from road_vlm.data.dataset import DataError
+    from road_vlm.data.records import DataError
     from road_vlm.data.images import ImageLoadError
     from road_vlm.train.checkpoint import CheckpointError
     from road_vlm.train.ds_config import DeepSpeedConfigError

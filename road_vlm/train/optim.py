@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -60,10 +60,14 @@ def param_groups(
     return groups
 
 
+LrScheduler = Literal["cosine", "linear", "constant"]  # each after a linear warmup
+LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
+
+
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
     """Multiplier of each group's own lr at a step (transformers' get_*_schedule_with_warmup shapes)."""
-    if kind not in ("cosine", "linear", "constant"):
-        raise ValueError(f"unknown lr_scheduler {kind!r}")
+    if kind not in LR_SCHEDULERS:
+        raise ValueError(f"unknown lr_scheduler {kind!r}; use one of {', '.join(LR_SCHEDULERS)}")
 
     def fn(step: int) -> float:
         if step < warmup_steps:

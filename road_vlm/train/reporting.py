@@ -7,11 +7,13 @@ import logging
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+ReportTo = Literal["tensorboard", "wandb", "none"]  # where rank 0 sends the training scalars
 
 
 class Reporter:

@@ -4,10 +4,10 @@ Order of work (everything that can fail on bad input happens before the first op
 broken sample never costs trained steps):
 
 1. ``prepare_output``: process group (deepspeed / torchrun / plain python), seeds, resume decision
-2. ``load_model``: DeepSpeed config with "auto" filled; base model + processor (road_vlm.model.load_base, under
-   zero.Init for ZeRO-3), adapter (road_vlm.adapters.add_adapter: a group_size that does not divide a layer's
-   d_out fails here, naming the layer), gradient checkpointing
-3. ``load_data``: parse and validate every sample, check every image file exists (tokenised on access)
+2. ``load_model``: DeepSpeed config with "auto" filled; base model + processor + adapter (``model_setup``: under
+   zero.Init for ZeRO-3; a group_size that does not divide a layer's d_out fails here, naming the layer)
+3. ``load_data``: parse and validate every sample, check every image file exists (``data_setup``; tokenised on
+   access)
 4. ``initialize_engine``: optimizer (LLaVA's 4 groups), warmup+cosine schedule, ``deepspeed.initialize``, resume
    (engine/optimizer/scheduler/RNG state; data order is a function of seed and step)
 5. ``run_steps``: train, log, save; ``finish``: verify the saved adapter, summary.json, loss.png
@@ -15,28 +15,20 @@ broken sample never costs trained steps):
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from road_vlm.data.collator import SupervisedCollator
-from road_vlm.data.dataset import (
-    DataStats,
-    LazySupervisedDataset,
-    Tokenization,
-    index_shard,
-    merge_shards,
-    summarize_drops,
-)
+from road_vlm.data.dataset import LazySupervisedDataset
+from road_vlm.data.indexing import summarize_drops
 from road_vlm.data.sampler import (
     BatchLayout,
     epoch_order,
@@ -44,34 +36,31 @@ from road_vlm.data.sampler import (
     rank_micro_batches,
     steps_per_epoch,
 )
-from road_vlm.data.template import IGNORE_INDEX
-from road_vlm.quantization import Quantization, prepare_kbit_training
 from road_vlm.train.checkpoint import (
     TMP_PREFIX,
     TrainerState,
-    exclude_quantized_state,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
 from road_vlm.train.config import ConfigError, TrainingConfig
-from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from road_vlm.train.data_setup import DATA_CACHE, build_dataset
+from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, first_error, init_distributed
 from road_vlm.train.ds_config import (
     build_deepspeed_config,
     offloads_optimizer,
     partition_stats,
     read_deepspeed_json,
-    zero3_partitioned_loading,
     zero_stage,
 )
+from road_vlm.train.loss import compute_loss
+from road_vlm.train.model_setup import ADAPTER_NAME, load_model_with_adapter, model_dtype, text_hidden_size
 from road_vlm.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 from road_vlm.train.reporting import Reporter, format_summary, peak_memory_bytes, plot_loss, write_summary
-from road_vlm.train.stand_in import STAND_IN, install_stand_in
+from road_vlm.train.stand_in import install_stand_in
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_NAME = "default"
 
 
 def seed_everything(seed: int) -> None:
@@ -80,167 +69,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _model_dtype(config: TrainingConfig) -> str:
-    if config.model.dtype != "auto":
-        return config.model.dtype
-    if config.train.bf16:
-        return "bfloat16"
-    if config.train.fp16:
-        return "float16"
-    return "float32"
-
-
-def _first_error(dist: DistInfo, fn, *args, **kwargs):
-    """Run ``fn``; if it raises on any rank, raise on every rank (no rank is left waiting in a collective)."""
-    result, error = None, None
-    try:
-        result = fn(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - re-raised below
-        error = err
-    flags = all_reduce_sum([1.0 if error is not None else 0.0], dist.device)
-    if error is not None:
-        raise error
-    if flags[0] > 0:
-        raise RuntimeError("another rank failed during setup (see its error above)")
-    return result
-
-
-def _text_hidden_size(name_or_path: str) -> int:
-    """The language model's hidden size from the checkpoint's config (DeepSpeed's bucket sizes need it before
-    the model is built)."""
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(name_or_path, trust_remote_code=False).text_config.hidden_size)
-
-
 def _require_wandb() -> None:
     try:
         import wandb  # noqa: F401
     except ImportError as err:
         raise ConfigError("output.report_to=wandb needs the wandb package (pip install wandb)") from err
-
-
-def load_model_with_adapter(config: TrainingConfig, device: str | torch.device = "cpu",
-                            zero3_config: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    """Base LLaVA + a fresh adapter; vision tower and all base weights frozen, projector per the config.
-
-    ``zero3_config``: the DeepSpeed ZeRO-3 config; the base is then constructed and loaded partitioned
-    (``zero3_partitioned_loading``), and the adapter is attached to the partitioned model.
-    """
-    from transformers import AutoConfig
-
-    from road_vlm.adapters import AdapterConfigError, add_adapter
-    from road_vlm.model import load_base
-
-    model_config = (AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=False)
-                    if zero3_config is not None else None)
-    quantization = Quantization(config.model.quantization, config.model.double_quant)
-    with zero3_partitioned_loading(zero3_config, model_config):
-        model, processor = load_base(config.model.name_or_path, device=device, dtype=_model_dtype(config),
-                                     quantization=quantization)
-    if quantization.enabled:
-        prepare_kbit_training(model)
-        exclude_quantized_state(model)
-    model.config.use_cache = False
-    try:
-        add_adapter(model, config.adapter, name=ADAPTER_NAME)
-    except AdapterConfigError as err:
-        raise ConfigError(f"adapter section does not fit {config.model.name_or_path}: {err}") from err
-    vision = model.model.vision_tower
-    if any(p.requires_grad for p in vision.parameters()):  # pragma: no cover - add_adapter contract
-        raise RuntimeError("the vision tower must be frozen")
-    if config.train.gradient_checkpointing:
-        # transformers 5.x renamed gradient_checkpointing_enable (deprecated, removed in v6); support both.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:  # pragma: no cover - older transformers
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The embeddings are frozen; make their output require grad so checkpointed blocks still backprop
-        # (needed with reentrant checkpointing, harmless without: what LLaVA does).
-        model.enable_input_require_grads()
-    model.train()
-    return model, processor
-
-
-DATA_CACHE = ".data-cache"
-
-
-def build_dataset(config: TrainingConfig, processor: Any, model: Any, dist: DistInfo) -> LazySupervisedDataset:
-    """Validate the training data before training (samples are tokenised on access); with N processes each
-    indexes 1/N of it.
-
-    Shards go through ``<output.dir>/.data-cache/`` (Arrow files on the shared output filesystem, memory-mapped
-    by every rank), so no rank repeats another's indexing and nothing large travels through collectives.
-    """
-    import datasets
-
-    from road_vlm.model import num_image_tokens
-
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right"
-    index_kwargs = dict(
-        tokenizer=tokenizer, num_image_tokens=num_image_tokens(processor), image_token_id=model.config.image_token_id,
-        max_length=config.data.max_length, image_folder=config.data.image_folder, on_bad_image=config.data.on_bad_image,
-        template=config.data.template, allow_images_outside_folder=config.data.allow_images_outside_folder,
-    )
-    tokenization = Tokenization(tokenizer, index_kwargs["num_image_tokens"], index_kwargs["image_token_id"],
-                                config.data.max_length, config.data.template)
-    wrap_kwargs = dict(data_path=config.data.path, image_processor=processor.image_processor,
-                       image_folder=config.data.image_folder, image_aspect_ratio=config.data.image_aspect_ratio,
-                       on_bad_image=config.data.on_bad_image)
-    if dist.world_size == 1:
-        shard = _first_error(dist, index_shard, config.data.path, **index_kwargs)
-        samples, stats = _first_error(dist, merge_shards, [shard], config.data.path)
-        return LazySupervisedDataset.from_samples(samples, stats, tokenization, **wrap_kwargs)
-    cache = Path(config.output.dir) / DATA_CACHE
-
-    def _index_and_write() -> None:  # the in-memory shard is dropped once written: ranks read all shards mmapped
-        shard, shard_stats = index_shard(config.data.path, shard_index=dist.rank, num_shards=dist.world_size,
-                                         **index_kwargs)
-        shard.save_to_disk(str(cache / f"shard-{dist.rank}"))
-        (cache / f"shard-{dist.rank}.json").write_text(json.dumps(asdict(shard_stats)))
-
-    _first_error(dist, _index_and_write)
-
-    def _read() -> list[tuple[Any, DataStats]]:
-        return [(datasets.load_from_disk(str(cache / f"shard-{r}")),
-                 DataStats(**json.loads((cache / f"shard-{r}.json").read_text()))) for r in range(dist.world_size)]
-
-    parts = _first_error(dist, _read)
-    samples, stats = _first_error(dist, merge_shards, parts, config.data.path)
-    return LazySupervisedDataset.from_samples(samples, stats, tokenization, **wrap_kwargs)
-
-
-def compute_loss(
-    engine: Any, batch: dict[str, Any], *, pixel_dtype: torch.dtype, train_projector: bool = False,
-    run_vision: bool = False,
-) -> torch.Tensor:
-    """Mean token cross-entropy over supervised tokens (0, not NaN, for a batch with none).
-
-    An all-text batch runs a zero-weighted stand-in image pass (``road_vlm.train.stand_in``, installed on the
-    engine's module) when the projector trains or when ``run_vision`` says another rank's micro-batch has
-    images (ZeRO-3), so every rank runs the same modules in the same order. The loss is unchanged.
-    """
-    device = engine.device
-    pixel_values = batch["pixel_values"]
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
-    if pixel_values is None and (train_projector or run_vision):
-        inputs[STAND_IN] = "vision" if run_vision else "projector"
-    outputs = engine(
-        **inputs,
-        attention_mask=batch["attention_mask"].to(device),
-        pixel_values=None if pixel_values is None else pixel_values.to(device, pixel_dtype),
-        use_cache=False,
-    )
-    logits = outputs.logits[:, :-1, :]
-    labels = batch["labels"][:, 1:].to(device)
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    loss = loss_sum / count
-    return loss
 
 
 @dataclass
@@ -292,7 +125,7 @@ def prepare_output(run: TrainingRun) -> None:
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    run.resume_from = _first_error(dist, resolve_resume, config.train.resume, output_dir)
+    run.resume_from = first_error(dist, resolve_resume, config.train.resume, output_dir)
     if dist.is_main:
         for leftover in output_dir.glob(f"{TMP_PREFIX}*"):
             logger.warning("removing %s: a checkpoint save that was interrupted", leftover)
@@ -305,15 +138,15 @@ def prepare_output(run: TrainingRun) -> None:
 def load_model(run: TrainingRun) -> None:
     """The DeepSpeed config ("auto" filled), then the base with its adapter."""
     config, dist = run.config, run.dist
-    raw_ds = _first_error(dist, read_deepspeed_json, config.deepspeed.config)
+    raw_ds = first_error(dist, read_deepspeed_json, config.deepspeed.config)
     if config.output.report_to == "wandb":
-        _first_error(dist, _require_wandb)
-    run.ds_config = _first_error(dist, build_deepspeed_config, raw_ds, config, world_size=dist.world_size,
-                                 hidden_size=_text_hidden_size(config.model.name_or_path),
+        first_error(dist, _require_wandb)
+    run.ds_config = first_error(dist, build_deepspeed_config, raw_ds, config, world_size=dist.world_size,
+                                 hidden_size=text_hidden_size(config.model.name_or_path),
                                  source=config.deepspeed.config)
     # ZeRO-0/1/2 keep a full model copy per rank, loaded straight onto the accelerator. ZeRO-3 constructs and loads
     # the base inside zero.Init, so no rank ever holds all of it (13B in bf16 would be 26 GB per rank otherwise).
-    run.model, run.processor = _first_error(dist, load_model_with_adapter, config, dist.device,
+    run.model, run.processor = first_error(dist, load_model_with_adapter, config, dist.device,
                                             zero3_config=run.ds_config if run.stage == 3 else None)
     base_load = {**partition_stats(run.model), **peak_memory_bytes(dist.device)}  # peaks so far: the load
     if dist.is_main and base_load["zero3_partitioned"]:
@@ -323,8 +156,8 @@ def load_model(run: TrainingRun) -> None:
 
 
 def load_data(run: TrainingRun) -> None:
-    """Validate and index the data file (665k samples for LLaVA-1.5) before the first step; the time and the peak
-    host memory so far are reported (scripts/bench_data.py)."""
+    """Validate and index the data file before the first step; the time and the peak host memory so far are
+    reported (scripts/bench_data.py)."""
     start = time.perf_counter()
     run.dataset = build_dataset(run.config, run.processor, run.model, run.dist)
     run.report["data_load"] = {"seconds": time.perf_counter() - start, **peak_memory_bytes(torch.device("cpu"))}
@@ -470,7 +303,7 @@ def finish(run: TrainingRun) -> dict[str, Any]:
 
         reload_check = verify_saved_adapter(
             engine=run.engine, dataset=run.dataset, collator=run.collator, checkpoint=final,
-            base_model=config.model.name_or_path, dtype=_model_dtype(config), pixel_dtype=run.pixel_dtype,
+            base_model=config.model.name_or_path, dtype=model_dtype(config), pixel_dtype=run.pixel_dtype,
             output_dir=output_dir, dist=dist,
         )
         if dist.is_main:

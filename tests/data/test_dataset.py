@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from road_vlm.data.dataset import DataError, LazySupervisedDataset, read_records
+from road_vlm.data.config import DataConfig
+from road_vlm.data.dataset import LazySupervisedDataset
+from road_vlm.data.indexing import Tokenization
+from road_vlm.data.records import DataError, read_records
 from road_vlm.data.template import IGNORE_INDEX
 
 
@@ -41,8 +44,8 @@ def _write(tmp_path: Path, records: list, *, jsonl: bool = False, images: tuple[
 def _dataset(path: Path, processor, **kw) -> LazySupervisedDataset:
     proc, image_token_id = processor
     kw.setdefault("max_length", 256)
-    return LazySupervisedDataset(path, tokenizer=proc.tokenizer, image_processor=proc.image_processor,
-                                 num_image_tokens=16, image_token_id=image_token_id, **kw)
+    return LazySupervisedDataset(DataConfig(path=str(path), **kw), Tokenization(proc.tokenizer, 16, image_token_id),
+                                 proc.image_processor)
 
 
 def test_image_and_text_samples_load_with_lazy_images(tmp_path, processor):
@@ -68,7 +71,7 @@ _OK = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"},
 ])
 @pytest.mark.parametrize("window", [7, 1 << 22])  # 7 characters: every record and number crosses a window edge
 def test_malformed_json_array_names_the_line(tmp_path, monkeypatch, content, match, window):
-    monkeypatch.setattr("road_vlm.data.dataset._CHUNK_CHARS", window)
+    monkeypatch.setattr("road_vlm.data.json_stream._CHUNK_CHARS", window)
     path = tmp_path / "data.json"
     path.write_text(content)
     with pytest.raises(DataError, match=match):
@@ -82,7 +85,7 @@ def test_json_array_is_parsed_incrementally_with_the_same_result(tmp_path, monke
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records, indent=4, ensure_ascii=False), encoding="utf-8")
     for window in (5, 64, 1 << 22):
-        monkeypatch.setattr("road_vlm.data.dataset._CHUNK_CHARS", window)
+        monkeypatch.setattr("road_vlm.data.json_stream._CHUNK_CHARS", window)
         got = read_records(path)
         assert [r.sample_id for r in got] == [str(r["id"]) for r in records]
         assert [r.conversations for r in got] == [r["conversations"] for r in records]

@@ -97,7 +97,7 @@ def test_rng_state_round_trips_without_pickle(tmp_path: Path):
 
 
 def test_group_size_that_does_not_divide_a_layer_names_the_layer(tiny_llava_dir: Path):
-    from road_vlm.train.trainer import load_model_with_adapter
+    from road_vlm.train.model_setup import load_model_with_adapter
 
     config = config_from_dict({"model": {"name_or_path": str(tiny_llava_dir)}, "data": {"path": "x.json"},
                                "output": {"dir": "o"}, "adapter": {"variant": "road4", "group_size": 48}})

@@ -91,6 +91,21 @@ def test_wrong_types_and_values_are_errors_naming_the_key(override: str, key: st
         config_from_dict(MINIMAL, overrides=[override])
 
 
+@pytest.mark.parametrize("override, choices", [
+    ("data.template=v2", "vicuna_v1, plain"),
+    ("data.image_aspect_ratio=fit", "pad, crop"),
+    ("data.on_bad_image=ignore", "error, skip"),
+    ("train.lr_scheduler=step", "cosine, linear, constant"),
+    ("output.report_to=mlflow", "tensorboard, wandb, none"),
+    ("model.dtype=half", "auto, float32, fp32, bfloat16, bf16, float16, fp16"),
+    ("model.quantization=nf5", "none, nf4, fp4, int8"),
+])
+def test_a_setting_with_choices_lists_them_when_the_value_is_not_one(override: str, choices: str):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=f"'{key}' must be one of {choices}, got '{value}'"):
+        config_from_dict(MINIMAL, overrides=[override])
+
+
 def test_adapter_section_errors_and_required_keys(tmp_path: Path):
     with pytest.raises(ConfigError, match="variant"):
         config_from_dict(MINIMAL, overrides=["adapter.variant=road3"])

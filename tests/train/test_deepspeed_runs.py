@@ -45,9 +45,11 @@ def zero2_run(tiny_llava_dir: Path, synthetic_data: Path, tmp_path_factory: pyte
 def _supervised_loss(model, processor, data: Path, n: int = 24) -> float:
     """Mean loss of the first ``n`` training samples (fixed set) under ``model``."""
     from road_vlm.data.collator import SupervisedCollator
+    from road_vlm.data.config import DataConfig
     from road_vlm.data.dataset import LazySupervisedDataset
+    from road_vlm.data.indexing import Tokenization
     from road_vlm.model import num_image_tokens
-    from road_vlm.train.trainer import compute_loss
+    from road_vlm.train.loss import compute_loss
 
     class _Engine:  # compute_loss expects an engine-like callable with .device
         device = torch.device("cpu")
@@ -56,9 +58,9 @@ def _supervised_loss(model, processor, data: Path, n: int = 24) -> float:
             return model(**kw)
 
     tok = processor.tokenizer
-    ds = LazySupervisedDataset(data, tokenizer=tok, image_processor=processor.image_processor,
-                               num_image_tokens=num_image_tokens(processor), image_token_id=model.config.image_token_id,
-                               max_length=256)
+    ds = LazySupervisedDataset(DataConfig(path=str(data), max_length=256),
+                               Tokenization(tok, num_image_tokens(processor), model.config.image_token_id),
+                               processor.image_processor)
     collate = SupervisedCollator(pad_token_id=tok.pad_token_id)
     losses = []
     with torch.no_grad():

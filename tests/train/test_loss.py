@@ -31,7 +31,7 @@ def _model(tiny_llava_dir):
 
 
 def test_all_text_batch_still_gives_the_projector_a_gradient(tiny_llava_dir):
-    from road_vlm.train.trainer import compute_loss
+    from road_vlm.train.loss import compute_loss
 
     model = _model(tiny_llava_dir)
     ids = torch.tensor([[1, 50, 60, 70, 2]])
@@ -49,7 +49,7 @@ def test_all_text_batch_still_gives_the_projector_a_gradient(tiny_llava_dir):
 
 
 def test_batch_without_supervised_tokens_has_zero_loss_not_nan(tiny_llava_dir):
-    from road_vlm.train.trainer import compute_loss
+    from road_vlm.train.loss import compute_loss
 
     model = _model(tiny_llava_dir)
     ids = torch.tensor([[1, 50, 60]])
@@ -61,7 +61,8 @@ def test_batch_without_supervised_tokens_has_zero_loss_not_nan(tiny_llava_dir):
 
 def test_gradient_checkpointing_with_frozen_embeddings_still_trains_the_adapter(tiny_llava_dir):
     from road_vlm.train.config import config_from_dict
-    from road_vlm.train.trainer import compute_loss, load_model_with_adapter
+    from road_vlm.train.loss import compute_loss
+    from road_vlm.train.model_setup import load_model_with_adapter
 
     config = config_from_dict({"model": {"name_or_path": str(tiny_llava_dir)}, "data": {"path": "x.json"},
                                "output": {"dir": "o"}, "adapter": {"variant": "road4", "group_size": 64},
@@ -78,7 +79,7 @@ def test_gradient_checkpointing_with_frozen_embeddings_still_trains_the_adapter(
 
 def _grad_arrival_order(model, batch, run_vision: bool = False) -> list[str]:
     """Names of the trainable parameters in the order their gradients are finished during backward."""
-    from road_vlm.train.trainer import compute_loss
+    from road_vlm.train.loss import compute_loss
 
     order: list[str] = []
     handles = [p.register_post_accumulate_grad_hook(lambda _p, name=name: order.append(name))
@@ -108,7 +109,7 @@ def _image_and_text_batches(model):
 
 def _module_call_order(model, batch, **kwargs) -> list[str]:
     """Names of the modules in the order their forward starts (what ZeRO-3 gathers parameters by)."""
-    from road_vlm.train.trainer import compute_loss
+    from road_vlm.train.loss import compute_loss
 
     order: list[str] = []
     # prepend: DeepSpeed's hooks are registered before the stand-in's (which comes after deepspeed.initialize).
@@ -136,7 +137,7 @@ def test_text_batch_with_run_vision_runs_the_modules_of_an_image_batch_in_the_sa
 
 
 def test_stand_in_image_pass_leaves_the_loss_of_a_text_batch_unchanged(tiny_llava_dir):
-    from road_vlm.train.trainer import compute_loss
+    from road_vlm.train.loss import compute_loss
 
     model = _model(tiny_llava_dir).eval()  # no dropout: compare exactly
     _, text_batch = _image_and_text_batches(model)

@@ -40,7 +40,7 @@ def _fixed_batch_loss(run) -> float:
     """Loss on the first 8 training samples. Train mode, no grad: in eval mode bitsandbytes may repack 4-bit
     weights for the CPU (on CPUs with AVX512-BF16), which would make the bit-identity check below hardware-bound."""
     from road_vlm.data.collator import SupervisedCollator
-    from road_vlm.train.trainer import compute_loss
+    from road_vlm.train.loss import compute_loss
 
     class _Engine:  # compute_loss takes an engine-like callable with .device
         device = torch.device("cpu")
@@ -182,7 +182,7 @@ def test_half_precision_on_a_quantized_base_keeps_the_norms_in_fp32(tiny_llava_d
                                                                    tmp_path: Path):
     from road_vlm.train.config import config_from_dict
     from road_vlm.train.ds_config import build_deepspeed_config, read_deepspeed_json
-    from road_vlm.train.trainer import load_model_with_adapter
+    from road_vlm.train.model_setup import load_model_with_adapter
 
     zero2 = REPO / "configs" / "deepspeed" / "zero2.json"
     config = config_from_dict(demo_config(tiny_llava_dir, synthetic_data, tmp_path / "run",

@@ -33,7 +33,7 @@ def mixed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _disagreeing_steps(data: Path) -> list[int]:
     """Global steps (1-based) at which one rank's micro-batch is all text and the other's has an image."""
-    from road_vlm.data.dataset import modality_length
+    from road_vlm.data.records import modality_length
     from road_vlm.data.sampler import BatchLayout, epoch_order, rank_micro_batches, steps_per_epoch
 
     records = json.loads(data.read_text())
