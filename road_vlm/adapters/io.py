@@ -332,6 +332,19 @@ def _read_checked(file: Path, expected: dict[str, tuple[int, ...]], what: str) -
         raise AdapterFileError(f"{file}: cannot read safetensors file: {exc}") from exc
 
 
+def read_projector_weights(path: Union[str, Path], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained projector of adapter directory ``path``, keyed as saved (relative to the model root) and checked
+    against ``model``'s projector like the adapter weights are (names, shapes, finite floating values)."""
+    proj_file = Path(path) / PROJECTOR
+    prefix, proj = projector(model)
+    if any(_is_zero3(p) for p in proj.parameters()):
+        raise AdapterStateError(
+            f"{proj_file}: the projector is ZeRO-3 partitioned; load adapters before DeepSpeed partitions the model"
+        )
+    expected = {f"{prefix}.{n}": tuple(p.shape) for n, p in proj.named_parameters()}
+    return _read_checked(proj_file, expected, "projector")
+
+
 def load_adapter(
     model: nn.Module, path: Union[str, Path], name: Optional[str] = None, *, load_projector: bool = True
 ) -> str:
@@ -365,13 +378,7 @@ def load_adapter(
     if load_projector and (config.train_projector or proj_file.is_file()):
         if not proj_file.is_file():
             raise AdapterFileError(f"{proj_file}: not found, but the adapter config says train_projector")
-        prefix, proj = projector(model)
-        if any(_is_zero3(p) for p in proj.parameters()):
-            raise AdapterStateError(
-                f"{proj_file}: the projector is ZeRO-3 partitioned; load adapters before DeepSpeed partitions the model"
-            )
-        proj_expected = {f"{prefix}.{n}": tuple(p.shape) for n, p in proj.named_parameters()}
-        proj_values = _read_checked(proj_file, proj_expected, "projector")
+        proj_values = read_projector_weights(path, model)
         if reg.projector_owner is not None and reg.projector_owner != name:
             raise AdapterStateError(
                 f"{proj_file}: the projector of adapter {reg.projector_owner!r} is already loaded and the projector "

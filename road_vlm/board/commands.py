@@ -29,7 +29,7 @@ def create_board_app(roots: list[Path], *, allowed_hosts: tuple[str, ...] | None
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
 
-    from road_vlm.serve.server import LOOPBACK_HOSTS, HostCheck, host_name
+    from road_vlm.serve.http_guards import LOOPBACK_HOSTS, HostCheck, host_name
 
     app = FastAPI(title="road_vlm board", docs_url=None, redoc_url=None, openapi_url=None)
     hosts = LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts
@@ -54,7 +54,7 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
-    from road_vlm.serve.server import LOOPBACK_HOSTS
+    from road_vlm.serve.http_guards import LOOPBACK_HOSTS
 
     app = create_board_app(roots, allowed_hosts=(*LOOPBACK_HOSTS, args.host))
     print(f"road-vlm board: {', '.join(map(str, roots))} at http://{args.host}:{args.port}/", file=sys.stderr,

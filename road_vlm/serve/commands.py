@@ -220,7 +220,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def _load_engine(args: argparse.Namespace, adapters: dict[str, str]) -> Any:
-    from .batching import ServingEngine
+    from .engine import ServingEngine
 
     return ServingEngine.load(args.model, adapters, device=args.device, dtype=args.dtype, base_name=args.base_name,
                               quantization=args.quantization)
@@ -241,7 +241,8 @@ def _run_server(args: argparse.Namespace, *, command: str, web_ui: bool) -> int:
     import uvicorn
 
     from .messages import ImagePolicy
-    from .server import LOOPBACK_HOSTS, create_app
+    from .http_guards import LOOPBACK_HOSTS
+    from .server import create_app
 
     try:  # every setting is checked before the model loads
         api_key = _api_key(args)

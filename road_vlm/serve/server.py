@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP API over the many-adapter batch scheduler (FastAPI): the app, its guards and its routes.
+"""OpenAI-compatible HTTP API over the many-adapter batch scheduler (FastAPI): the app and its routes.
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``model`` = adapter name, the base model's
 name for no adapter, or ``"a+b"`` for a composition of adapters trained on disjoint pair subsets; ``stream: true``
@@ -30,7 +30,8 @@ from fastapi.responses import JSONResponse
 
 from road_vlm.generation import context_limit
 
-from .batching import BatchScheduler, ServingEngine
+from .engine import ServingEngine
+from .http_guards import LOOPBACK_HOSTS, HostCheck, host_name
 from .messages import DEFAULT_IMAGE_POLICY, ImagePolicy
 from .openai.chat import chat_completions
 from .openai.completions import completions
@@ -38,38 +39,9 @@ from .openai.context import ServerContext
 from .openai.errors import APIError
 from .openai.metrics import ServerMetrics
 from .openai.tokenize import detokenize, tokenize
+from .scheduler import BatchScheduler
 
 logger = logging.getLogger(__name__)
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def host_name(header: str) -> str:
-    """The host part of a ``Host`` header (``[::1]:8000`` -> ``::1``, ``Example:80`` -> ``example``)."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-class HostCheck:
-    """Serve only requests addressed to this server's own names: a page on another site can make the browser send
-    requests here, and DNS rebinding lets it read the answers. A plain ASGI middleware (Starlette's
-    BaseHTTPMiddleware would hide client disconnects from the endpoints, and so from cancellation)."""
-
-    def __init__(self, app: Any, allowed: set[str]) -> None:
-        self.app, self.allowed = app, allowed
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if host_name(host) not in self.allowed:
-                response = APIError(421, f"Host {host!r} is not served here (--allowed-hosts)",
-                                    code="host_not_allowed").response()
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_app(

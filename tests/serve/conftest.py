@@ -75,7 +75,7 @@ def composable(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def engine(tiny_llava_dir: Path, adapter_dirs: dict[str, Path]):
     """One base + road4, road1proj and lora adapters, shared by the server tests."""
-    from road_vlm.serving import ServingEngine
+    from road_vlm.serve import ServingEngine
 
     served = {name: adapter_dirs[name] for name in ("road4", "road1proj", "lora")}
     return ServingEngine.load(tiny_llava_dir, served, base_name="base")

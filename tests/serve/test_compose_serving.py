@@ -8,7 +8,7 @@ from road_vlm.adapters.inject import registry
 from road_vlm.data.images import load_image
 from road_vlm.generation import GenerationRequest, SamplingParams
 from road_vlm.serve.server import create_app
-from road_vlm.serving import ServingEngine
+from road_vlm.serve import ServingEngine
 
 LOCAL = "http://127.0.0.1"
 

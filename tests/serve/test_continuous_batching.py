@@ -9,7 +9,7 @@ import pytest
 
 from road_vlm.data.images import load_image
 from road_vlm.generation import DecodeBatch, GenerationRequest, SamplingParams
-from road_vlm.serving import BatchScheduler
+from road_vlm.serve import BatchScheduler
 
 
 def _request(engine, adapter, question, image=None, max_new=12, **sampling):

@@ -19,7 +19,7 @@ from road_vlm.serve.messages import ImagePolicy
 from road_vlm.serve.server import create_app
 
 LOCAL = "http://127.0.0.1"  # the Host the server accepts (it refuses others: DNS rebinding)
-from road_vlm.serving import AdapterLoadError, BatchScheduler, QueueFullError, ServingEngine
+from road_vlm.serve import AdapterLoadError, BatchScheduler, QueueFullError, ServingEngine
 
 
 def _data_url(path) -> str:
@@ -236,8 +236,32 @@ def test_adapter_for_another_base_is_refused_with_its_name(tiny_llava_dir, adapt
     assert "'other'" in message and str(wrong) in message and "shape" in message
 
 
+@pytest.mark.parametrize("damage, says", [("wider", "shape"), ("nan", "NaN"), ("missing", "missing"),
+                                          ("corrupt", "cannot read")])
+def test_adapter_whose_projector_does_not_fit_is_refused_with_its_name(tiny_llava_dir, adapter_dirs, tmp_path,
+                                                                        damage, says):
+    wrong = tmp_path / "wrong_projector"
+    shutil.copytree(adapter_dirs["road1proj"], wrong)
+    file = wrong / "projector.safetensors"
+    tensors = load_file(file)
+    key = sorted(tensors)[0]
+    if damage == "wider":
+        tensors[key] = torch.cat([tensors[key], tensors[key]])
+    elif damage == "nan":
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+    elif damage == "missing":
+        del tensors[key]
+    save_file(tensors, file)
+    if damage == "corrupt":
+        file.write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterLoadError) as info:
+        ServingEngine.load(tiny_llava_dir, {"ok": adapter_dirs["lora"], "other": wrong})
+    message = str(info.value)
+    assert "'other'" in message and str(file) in message and says in message
+
+
 def test_unknown_adapter_and_name_clash_are_refused(tiny_llava_dir, adapter_dirs, engine):
-    from road_vlm.serving import UnknownAdapterError
+    from road_vlm.serve import UnknownAdapterError
 
     with pytest.raises(UnknownAdapterError, match="available: base, road4"):
         engine.resolve("missing")

@@ -148,7 +148,7 @@ def test_the_loaders_pick_the_recorded_quantization(tiny_llava_dir: Path, tmp_pa
     from road_vlm.adapters import AdapterConfig, add_adapter, save_adapter
     from road_vlm.model import load_base, recorded_quantization
     from road_vlm.quantization import Quantization, quantized_linears
-    from road_vlm.serve.batching import ServingEngine
+    from road_vlm.serve import ServingEngine
 
     for method in ("nf4", "int8"):
         model, _ = load_base(tiny_llava_dir, quantization=method)

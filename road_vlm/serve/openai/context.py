@@ -14,7 +14,8 @@ from pydantic import BaseModel, ValidationError
 from road_vlm.adapters.compose import CompositionError
 from road_vlm.generation import PromptTooLongError
 
-from ..batching import BatchScheduler, ServingEngine, UnknownAdapterError
+from ..engine import ServingEngine, UnknownAdapterError
+from ..scheduler import BatchScheduler
 from ..messages import BadImageError, ImagePolicy, MessageError
 from .errors import APIError, validation_error
 from .metrics import ServerMetrics

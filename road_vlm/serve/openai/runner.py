@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from road_vlm.generation import GenerationRequest, GenerationResult
 
-from ..batching import QueueFullError
+from ..scheduler import QueueFullError
 from .context import ServerContext
 from .errors import APIError
 
