@@ -308,7 +308,7 @@ class AdaptedLinear(nn.Module):
                 if n in lora_names:
                     lora_a[i] = self._padded_a(n, r_max, dtype)
                     lora_b[i] = self._padded_b(n, r_max, dtype)
-        self._mixed = MixedTables(batch=len(rows.names), rotations=rotations, lora_ids=rows.lora_ids,
+        self._mixed = MixedTables(batch=len(rows.names), d_out=self.out_features, rotations=rotations, lora_ids=rows.lora_ids,
                                   lora_a=lora_a, lora_b=lora_b)
 
     def _padded_a(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
@@ -331,7 +331,7 @@ class AdaptedLinear(nn.Module):
                 f"{self.module_name}: per_sample_adapters got {mixed.batch} adapter names but the layer sees a batch "
                 f"of {batch} rows (not a multiple of {mixed.batch}); pass one name per batch row"
             )
-        lora_ids, rotations = mixed.rows_for(batch, y.dim(), y.dtype, self.out_features)
+        lora_ids, rotations = mixed.rows_for(batch, y.dim(), y.dtype)
         if mixed.lora_a is not None:
             # LoRA stacks are gathered per call (not kept): [batch, r, d_in] per layer would cost far more memory.
             x3 = x.reshape(batch, -1, x.shape[-1])

@@ -58,6 +58,7 @@ class MixedTables:
     """One layer's tables for one mixed batch."""
 
     batch: int  # names per block; activations are a multiple of it (num_return_sequences / beams)
+    d_out: int
     # (group_size, [batch] bank rows, c1 table, s2 table): the bank's tables, in the layer's table dtype
     rotations: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
     lora_ids: torch.Tensor
@@ -67,7 +68,7 @@ class MixedTables:
     # once per block, so each decode step is a single fused pass with nothing to look up, cast or reshape.
     gathered: dict[tuple, tuple] = field(default_factory=dict)
 
-    def rows_for(self, batch: int, ndim: int, dtype: torch.dtype, d_out: int) -> tuple:
+    def rows_for(self, batch: int, ndim: int, dtype: torch.dtype) -> tuple:
         """``(lora_ids, [(group_size, c1, s2), ...])`` for a ``[batch, ..., d_out]`` activation; ``batch`` must be
         a multiple of the block's names (each row repeated k times, as ``generate`` does for k sequences)."""
         key = (batch, ndim, dtype)
@@ -79,7 +80,7 @@ class MixedTables:
                 return rows if repeat == 1 else rows.repeat_interleave(repeat)
 
             # Memory: 2 x batch x d_out per layer in the activation dtype, next to a much larger KV cache.
-            view = (batch,) + (1,) * (ndim - 2) + (d_out,)
+            view = (batch,) + (1,) * (ndim - 2) + (self.d_out,)
             rotations = [(gs, c1_t.index_select(0, expand(rows)).to(dtype).reshape(view),
                           s2_t.index_select(0, expand(rows)).to(dtype).reshape(view))
                          for gs, rows, c1_t, s2_t in self.rotations]
