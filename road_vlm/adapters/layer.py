@@ -35,7 +35,7 @@ from torch import nn
 from .bank import CoefficientBank
 from .config import AdapterConfig, variant_has_lora, variant_has_road
 from .errors import AdapterStateError
-from .mixed import BatchRows, MixedTables, batch_rows
+from .mixed import BatchRows, MixedTables, batch_rows, lora_stacks
 from .pairs import masked, param_mask
 from .rotation import (
     apply_rotation,
@@ -287,8 +287,7 @@ class AdaptedLinear(nn.Module):
             rows = batch_rows(names, self.bank.rows, {n: s.group_size for n, s in specs.items()
                                                       if variant_has_road(s.variant)},
                               [n for n, s in specs.items() if s.lora_r])
-        device = self.base_layer.weight.device
-        rows = rows.on(device)
+        rows = rows.on(self.base_layer.weight.device)
         for n in present:
             if n in self._unwritten:
                 self._write_bank(n)
@@ -297,27 +296,11 @@ class AdaptedLinear(nn.Module):
         c1_t, s2_t = self.bank.tables(dtype)
         rotations = [(gs, index, c1_t, s2_t) for gs, index in rows.rotations if gs in held]
 
-        lora_a = lora_b = None
-        lora_names = [n for n in rows.lora_names if n in self.specs and self.specs[n].lora_r]
-        if lora_names:
-            r_max = max(self.specs[n].lora_r for n in lora_names)
-            stack = len(rows.lora_names) + 1
-            lora_a = torch.zeros(stack, r_max, self.in_features, dtype=dtype, device=device)
-            lora_b = torch.zeros(stack, self.out_features, r_max, dtype=dtype, device=device)
-            for i, n in enumerate(rows.lora_names, start=1):
-                if n in lora_names:
-                    lora_a[i] = self._padded_a(n, r_max, dtype)
-                    lora_b[i] = self._padded_b(n, r_max, dtype)
-        self._mixed = MixedTables(batch=len(rows.names), d_out=self.out_features, rotations=rotations, lora_ids=rows.lora_ids,
-                                  lora_a=lora_a, lora_b=lora_b)
-
-    def _padded_a(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
-        a = self.lora_A[name].to(dtype)
-        return F.pad(a, (0, 0, 0, r_max - a.shape[0]))
-
-    def _padded_b(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
-        b = self.lora_B[name].to(dtype) * self.specs[name].lora_scale
-        return F.pad(b, (0, r_max - b.shape[1]))
+        # Each LoRA row of the batch: (A, B with its scale folded in), or None where this layer lacks the adapter.
+        loras = [(self.lora_A[n], self.lora_B[n].to(dtype) * self.specs[n].lora_scale)
+                 if n in self.specs and self.specs[n].lora_r else None for n in rows.lora_names]
+        self._mixed = MixedTables(len(rows.names), self.out_features, rotations, rows.lora_ids,
+                                  *lora_stacks(loras, dtype))
 
     def clear_mixed_tables(self) -> None:
         """Leave mixed-batch mode."""

@@ -53,6 +53,25 @@ def batch_rows(names: Sequence[Optional[str]], slots: Mapping[str, int], group_s
     return BatchRows(tuple(names), rotations, lora_names, lora_ids, max_row)
 
 
+def lora_stacks(loras: Sequence[Optional[tuple[torch.Tensor, torch.Tensor]]], dtype: torch.dtype
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(A [n + 1, r_max, d_in], B [n + 1, d_out, r_max])`` stacking ``loras`` (``(A [r, d_in], B [d_out, r])``
+    each, or None for zeros) after a zero row 0, ranks zero-padded to the largest; ``(None, None)`` if all None."""
+    present = [lora for lora in loras if lora is not None]
+    if not present:
+        return None, None
+    r_max = max(a.shape[0] for a, _ in present)
+    (a0, b0) = present[0]
+    stack_a = torch.zeros(len(loras) + 1, r_max, a0.shape[1], dtype=dtype, device=a0.device)
+    stack_b = torch.zeros(len(loras) + 1, b0.shape[0], r_max, dtype=dtype, device=a0.device)
+    for i, lora in enumerate(loras, start=1):
+        if lora is not None:
+            a, b = lora
+            stack_a[i, : a.shape[0]] = a.to(dtype)
+            stack_b[i, :, : b.shape[1]] = b.to(dtype)
+    return stack_a, stack_b
+
+
 @dataclass
 class MixedTables:
     """One layer's tables for one mixed batch."""
