@@ -23,7 +23,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .layer import AdaptedLinear, AdapterStateError
+from .errors import AdapterStateError
+from .layer import AdaptedLinear
 
 BASE_QUANTIZATION_KEY = "road_vlm.base_quantization"
 BASE_DOUBLE_QUANT_KEY = "road_vlm.base_double_quant"

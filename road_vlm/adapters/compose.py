@@ -30,17 +30,14 @@ from torch import nn
 from road_vlm.outputs import fresh_output, publish
 
 from .config import ROAD_VARIANTS, AdapterConfig, variant_has_lora
+from .errors import AdapterFileError, CompositionError
 from .inject import adapted_layers, attach_adapter, registry
-from .io import KEY_PREFIX, AdapterFileError, read_adapter_config, read_base_name, weights_metadata
+from .io import KEY_PREFIX, read_adapter_config, read_base_name, weights_metadata
 from .pairs import num_pairs, pair_dims, param_mask, union
 from .rotation import road_param_size
 from road_vlm.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR, PROMPT_FORMAT
 
 COMPOSED_SEPARATOR = "+"
-
-
-class CompositionError(ValueError):
-    """Adapters that cannot be composed (the message names the adapters and, for overlaps, the layer and pair)."""
 
 
 def composed_config(configs: Mapping[str, AdapterConfig]) -> AdapterConfig:
@@ -217,8 +214,7 @@ def compose_loaded(model: nn.Module, names: Sequence[str]) -> str:
     for layer in layers.values():
         parts = [(*layer.road_parameters(n), reg.configs[n]) for n in names]
         theta, alpha = select(config.variant, config.group_size, parts)
-        layer.road_theta[name].copy_(theta)
-        layer.road_alpha[name].copy_(alpha)
+        layer.set_adapter_tensors(name, {"road_theta": theta, "road_alpha": alpha})
         for p in layer.adapter_parameters(name).values():
             p.requires_grad_(False)
     return name

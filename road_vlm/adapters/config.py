@@ -30,6 +30,9 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
+from .errors import AdapterConfigError
+from .pairs import PAIR_LAYOUTS, PairSubset
+
 VARIANTS: tuple[str, ...] = ("road1", "road2", "road4", "lora", "road1_lora", "none")
 ROAD_VARIANTS: tuple[str, ...] = ("road1", "road2", "road4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
@@ -45,10 +48,6 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 # road_vlm variant name <-> PEFT RoadConfig.variant
 PEFT_VARIANT = {"road1": "road_1", "road2": "road_2", "road4": "road_4"}
 FROM_PEFT_VARIANT = {v: k for k, v in PEFT_VARIANT.items()}
-
-
-class AdapterConfigError(ValueError):
-    """An adapter configuration that cannot be used."""
 
 
 def variant_has_road(variant: str) -> bool:
@@ -106,11 +105,9 @@ class AdapterConfig:
         if self.pair_subset is not None:
             if not variant_has_road(self.variant):
                 raise AdapterConfigError(f"pair_subset restricts a RoAd rotation; variant {self.variant!r} has none")
-            from .pairs import PairSubset  # pairs.py imports this module
-
             self.pair_subset = str(PairSubset.parse(self.pair_subset, self.pair_layout))  # canonical "1,3/4"
-        elif self.pair_layout not in ("interleaved", "contiguous"):
-            raise AdapterConfigError(f"pair_layout must be 'interleaved' or 'contiguous', got {self.pair_layout!r}")
+        elif self.pair_layout not in PAIR_LAYOUTS:
+            raise AdapterConfigError(f"pair_layout must be one of {list(PAIR_LAYOUTS)}, got {self.pair_layout!r}")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -127,10 +124,8 @@ class AdapterConfig:
             raise AdapterConfigError(f"target_modules must be a list of names or a regex string, got {targets!r}")
 
     @property
-    def pairs(self):
+    def pairs(self) -> Optional[PairSubset]:
         """The parsed :class:`~road_vlm.adapters.pairs.PairSubset`, or None when every pair may change."""
-        from .pairs import PairSubset
-
         return None if self.pair_subset is None else PairSubset.parse(self.pair_subset, self.pair_layout)
 
     @property

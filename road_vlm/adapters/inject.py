@@ -15,8 +15,10 @@ from typing import Iterator, Optional, Sequence
 from torch import nn
 
 from .bnb import adapted_linear
-from .config import AdapterConfig, AdapterConfigError, variant_adapts_layers, variant_has_road
-from .layer import AdaptedLinear, AdapterStateError
+from .config import AdapterConfig, variant_adapts_layers, variant_has_lora, variant_has_road
+from .errors import AdapterConfigError, AdapterStateError
+from .layer import AdaptedLinear
+from .mixed import batch_rows
 
 _LM_PATHS = ("model.language_model", "language_model")
 _PROJECTOR_PATHS = ("model.multi_modal_projector", "multi_modal_projector")
@@ -33,6 +35,13 @@ class AdapterRegistry:
     merged: Optional[str] = None
     projector_owner: Optional[str] = None  # adapter whose projector weights are loaded into the base
     mixed: bool = False
+    # adapter -> its row in every adapted layer's coefficient bank (bank.py): one row index per batch row serves
+    # every layer of a mixed batch
+    slots: dict[str, int] = field(default_factory=dict)
+
+    def free_slot(self) -> int:
+        taken = set(self.slots.values())
+        return next(s for s in range(1, len(taken) + 2) if s not in taken)
 
 
 def registry(model: nn.Module) -> AdapterRegistry:
@@ -159,11 +168,13 @@ def attach_adapter(
     if config.train_projector:
         projector(model)  # fail before touching anything if there is none
     layers = {}
+    slot = reg.free_slot()
     for full, mod in targets.items():
         layer = _wrap(model, full, mod)
-        layer.add(name, config)
+        layer.add(name, config, row=slot)
         layers[full] = layer
     reg.configs[name] = config
+    reg.slots[name] = slot
     return layers
 
 
@@ -190,6 +201,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for layer in adapted_layers(model).values():
         layer.remove(name)
     del reg.configs[name]
+    del reg.slots[name]
     if reg.active == name:
         reg.active = None
     if reg.projector_owner == name:
@@ -230,6 +242,15 @@ def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
         for p in found[1].parameters():
             p.requires_grad_(train_proj)
     reg.active = name
+
+
+def refresh_coefficients(model: nn.Module, name: Optional[str] = None) -> None:
+    """Rewrite the coefficient banks of adapter ``name`` (default: all) from the parameters, at their next read.
+
+    Needed only after editing adapter parameters in place while the model is in eval mode (adding, loading,
+    ``eval()``, ``load_state_dict`` and ``Module.to`` refresh the banks themselves; see ``layer.py``)."""
+    for layer in adapted_layers(model).values():
+        layer.refresh_coefficients(name)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -303,11 +324,13 @@ def per_sample_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Ite
     if reg.mixed:
         raise AdapterStateError("per_sample_adapters blocks cannot be nested")
     layers = list(adapted_layers(model).values())
+    rows = batch_rows(names, reg.slots,
+                      {n: c.group_size for n, c in reg.configs.items() if variant_has_road(c.variant)},
+                      [n for n, c in reg.configs.items() if variant_has_lora(c.variant)])
     reg.mixed = True
     try:
-        index_cache: dict = {}
         for layer in layers:
-            layer.build_mixed_tables(list(names), dtype=layer.table_dtype, index_cache=index_cache)
+            layer.build_mixed_tables(list(names), dtype=layer.table_dtype, rows=rows)
         yield
     finally:
         for layer in layers:

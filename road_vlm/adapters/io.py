@@ -54,7 +54,8 @@ from .inject import (
     resolve_targets,
     set_active_adapter,
 )
-from .layer import AdaptedLinear, AdapterStateError
+from .errors import AdapterFileError, AdapterStateError
+from .layer import AdaptedLinear
 from .rotation import road_param_size
 from road_vlm.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR
 
@@ -66,10 +67,6 @@ _KIND_SUFFIX = {
     "lora_B": "lora_B.weight",
 }
 _MAX_LISTED = 10
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory that cannot be loaded into this model."""
 
 
 def _listed(names) -> str:
@@ -387,10 +384,10 @@ def load_adapter(
 
     # Everything is valid: attach (cannot fail on input any more) and copy values in.
     layers = attach_adapter(model, config, name)
+    for module_name, layer in layers.items():
+        layer.set_adapter_tensors(name, {kind: weights[f"{KEY_PREFIX}{module_name}.{_KIND_SUFFIX[kind]}"]
+                                         for kind in layer.adapter_parameters(name)})
     with torch.no_grad():
-        for module_name, layer in layers.items():
-            for kind, p in layer.adapter_parameters(name).items():
-                p.copy_(weights[f"{KEY_PREFIX}{module_name}.{_KIND_SUFFIX[kind]}"].to(p.dtype))
         if proj_values:
             prefix, proj = projector(model)
             for n, p in proj.named_parameters():

@@ -4,44 +4,49 @@ Forward paths:
 - single adapter (the active one): ``z = R (W0 h + s B A h + b)`` with R and/or the LoRA part present per variant;
 - merged: the adapter lives in the base weights, the layer is the bare base layer;
 - mixed batch (inside ``per_sample_adapters``): every batch row picks an adapter (or none). The rotation is one
-  gather of per-adapter tables ``c1/s2 [N+1, d_out]`` (row 0 = identity) plus one element-wise pass over the
+  gather from the layer's coefficient bank (``bank.py``, row 0 = identity) plus one element-wise pass over the
   whole batch; the LoRA parts of lora/hybrid adapters are one gathered ``bmm`` with ranks padded to the largest.
 
+Where the rotation's coefficients come from: while training (``module.train()``), or whenever autograd must see the
+adapter parameters, they are computed from the live parameters on every forward. Otherwise (inference) they are
+read from the bank, which is written from the parameters when an adapter is added or loaded, on ``eval()``, on
+``load_state_dict`` and on ``Module.to``/``_apply``. Editing adapter parameters in place any other way while in
+eval mode (a manual ``copy_``, an optimizer step in eval mode) must be followed by :meth:`refresh_coefficients`.
+
 Dtypes: adapter parameters are created in fp32 (small, and angles need the precision) even on a bf16/fp16 base
-(fp64 on an fp64 base). Coefficients are computed in fp32 and cast to the activation dtype; the element-wise
-rotation and the LoRA matmuls run in the activation dtype (bf16 on GPU), which keeps the decode path a gather plus
-one multiply-add pass with no up/down casts of the activation. (A later ``model.to(bf16)``, or DeepSpeed's bf16
-mode, casts adapter parameters like any other; DeepSpeed then keeps fp32 master copies in the optimizer.)
-Merging is computed in fp32 (or fp64 for fp64 weights) and cast back to the weight dtype once.
+(fp64 on an fp64 base). Coefficients are computed in the parameters' precision (the bank's in fp32 at least) and
+cast to the activation dtype; the element-wise rotation and the LoRA matmuls run in the activation dtype (bf16 on
+GPU), which keeps the decode path a gather plus one multiply-add pass with no up/down casts of the activation. (A
+later ``model.to(bf16)``, or DeepSpeed's bf16 mode, casts adapter parameters like any other; DeepSpeed then keeps
+fp32 master copies in the optimizer.) Merging is computed in fp32 (or fp64 for fp64 weights) and cast back to the
+weight dtype once.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bank import CoefficientBank
 from .config import AdapterConfig, variant_has_lora, variant_has_road
+from .errors import AdapterStateError
+from .mixed import BatchRows, MixedTables, batch_rows, lora_stacks
 from .pairs import masked, param_mask
 from .rotation import (
     apply_rotation,
     apply_rotation_exact_,
     apply_rotation_fused_,
-    identity_coefficients,
     invert_coefficients,
     road_coefficients,
     road_param_size,
     rotate_rows_,
     singular_pairs,
 )
-
-
-class AdapterStateError(RuntimeError):
-    """An adapter operation that is not valid in the model's current state (merged, unknown name, ...)."""
 
 
 @dataclass(frozen=True)
@@ -66,57 +71,6 @@ class _MergedState:
     lora_delta_factors: Optional[tuple[torch.Tensor, torch.Tensor, float]]
 
 
-@dataclass
-class _RotationBank:
-    """Every RoAd adapter of one layer with its coefficients stacked per (group size, dtype), row 0 the identity.
-
-    Mixed batches gather their rows from here, so entering ``per_sample_adapters`` (which continuous batching does
-    whenever a row joins or leaves) looks names up instead of computing and stacking every adapter's tables again:
-    with 32 adapters loaded and 16 in the batch, ~50 -> ~18 ms per change for LLaVA-7B's 224 adapted layers
-    (scripts/bench_adapter_switch.py, 2-core CPU). Rebuilt when one of its adapters' parameters changed (see
-    ``AdaptedLinear._rotation_bank``). Memory: 2 x (1 + n) x d_out values per layer and dtype, ~5.4 MB per adapter
-    for LLaVA-7B in bf16.
-    """
-
-    stamps: dict[str, tuple]  # name -> its parameters' identity, version and storage when the bank was built
-    rows: dict[str, tuple[int, int]]  # name -> (group_size, row in that group size's tables)
-    tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]  # -> (c1, s2), each [1 + n, d_out]
-
-
-@dataclass
-class _MixedTables:
-    """Per-layer gathered tables for a mixed batch, built once when ``per_sample_adapters`` is entered."""
-
-    ids: torch.Tensor  # [batch] row index into the tables (0 = no adapter)
-    # (group_size, [batch] row of each batch row in the bank's tables, c1 table, s2 table), one per group size
-    rotations: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
-    lora_a: Optional[torch.Tensor]  # [N+1, r_max, d_in]
-    lora_b: Optional[torch.Tensor]  # [N+1, d_out, r_max], LoRA scale folded in
-    # per activation (batch, ndim, dtype); batch is k * len(names) for num_return_sequences / beams: gathered rows
-    by_shape: dict[tuple, tuple]
-
-
-def _stamp(theta: torch.Tensor, alpha: torch.Tensor) -> tuple:
-    """What tells whether a RoAd adapter's parameters changed since a table was built from them: ``_version``
-    moves on every in-place update (optimizer steps, load_state_dict, copy_ under no_grad), ``data_ptr`` and the
-    device on a swapped storage (``Module.to``), the identity on a replaced parameter. Edits through ``.data``
-    bypass all of them: call ``invalidate_cache()`` then."""
-    return (id(theta), theta._version, theta.data_ptr(), id(alpha), alpha._version, alpha.data_ptr(),
-            theta.device)
-
-
-def _index_tensor(values: list[int], device: torch.device, cache: Optional[dict]) -> torch.Tensor:
-    """A long tensor of ``values``, built from the Python list in one copy (per-element writes into a device
-    tensor are one kernel each), or the equal one already in ``cache``. Never written to, so safe to share."""
-    key = (device, tuple(values))
-    tensor = None if cache is None else cache.get(key)
-    if tensor is None:
-        tensor = torch.tensor(values, dtype=torch.long, device=device)
-        if cache is not None:
-            cache[key] = tensor
-    return tensor
-
-
 class AdaptedLinear(nn.Module):
     """``nn.Linear`` wrapper holding named RoAd / LoRA adapters. Parameter names carry the method prefix:
     ``road_theta.<name>``, ``road_alpha.<name>``, ``lora_A.<name>`` ([r, d_in]), ``lora_B.<name>`` ([d_out, r])."""
@@ -134,12 +88,12 @@ class AdaptedLinear(nn.Module):
         self.specs: dict[str, LayerAdapterSpec] = {}
         self.active_adapter: Optional[str] = None
         self.merged: Optional[_MergedState] = None
-        self._coeff_cache: dict[str, tuple[tuple, dict]] = {}  # name -> (version key, {dtype or None: (c1, s2)})
+        self.bank = CoefficientBank(base_layer.out_features)
+        self._unwritten: set[str] = set()  # RoAd adapters whose bank rows wait for their parameters (next read)
         # Adapters restricted to a pair subset: bool mask over their road_theta/road_alpha entries (CPU; moved to
         # the parameters' device when applied). Plain attribute, so it never enters a state dict.
         self.pair_masks: dict[str, torch.Tensor] = {}
-        self._mixed: Optional[_MixedTables] = None
-        self._bank: Optional[_RotationBank] = None
+        self._mixed: Optional[MixedTables] = None
 
     # -- nn.Linear look-alike attributes, so code that inspects .weight/.in_features keeps working
     @property
@@ -164,8 +118,9 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.out_features
 
     # -- adapter management
-    def add(self, name: str, config: AdapterConfig) -> None:
-        """Create identity-initialised fp32 parameters for adapter ``name`` on the base weight's device."""
+    def add(self, name: str, config: AdapterConfig, row: Optional[int] = None) -> None:
+        """Create identity-initialised fp32 parameters for adapter ``name`` on the base weight's device, in bank row
+        ``row`` (default: the lowest free one; ``inject.py`` passes the adapter's model-wide slot)."""
         if name in self.specs:
             raise AdapterStateError(f"{self.module_name}: adapter {name!r} already exists")
         d_out, d_in = self.out_features, self.in_features
@@ -186,6 +141,8 @@ class AdaptedLinear(nn.Module):
                 self.pair_masks[name] = param_mask(spec.variant, spec.group_size, pairs)
             self.road_theta[name] = nn.Parameter(torch.zeros(size, dtype=pdtype, device=device))
             self.road_alpha[name] = nn.Parameter(torch.ones(size, dtype=pdtype, device=device))
+            self.bank.reserve(name, row)
+            self._unwritten.add(name)
         if spec.lora_r:
             a = torch.empty(spec.lora_r, d_in, dtype=pdtype, device=device)
             if device.type != "meta":
@@ -194,8 +151,6 @@ class AdaptedLinear(nn.Module):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(d_out, spec.lora_r, dtype=pdtype, device=device))
         self.specs[name] = spec
-        self._coeff_cache.pop(name, None)
-        self._bank = None
 
     def remove(self, name: str) -> None:
         """Drop adapter ``name`` from this layer."""
@@ -204,8 +159,8 @@ class AdaptedLinear(nn.Module):
                 del store[name]
         self.specs.pop(name, None)
         self.pair_masks.pop(name, None)
-        self._coeff_cache.pop(name, None)
-        self._bank = None
+        self.bank.release(name)
+        self._unwritten.discard(name)
         if self.active_adapter == name:
             self.active_adapter = None
 
@@ -218,6 +173,38 @@ class AdaptedLinear(nn.Module):
                 out[kind] = store[name]
         return out
 
+    @torch.no_grad()
+    def set_adapter_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy values into adapter ``name``'s parameters (``{"road_theta": t, ...}``, any subset of its kinds) and
+        rewrite its bank row: how loaders and compositions fill an adapter."""
+        params = self.adapter_parameters(name)
+        for kind, value in tensors.items():
+            params[kind].copy_(value.to(params[kind].dtype))
+        self.refresh_coefficients(name)
+
+    def refresh_coefficients(self, name: Optional[str] = None) -> None:
+        """Rewrite the bank row of adapter ``name`` (default: every adapter) from its parameters, at its next read.
+
+        Needed only after editing adapter parameters in place while in eval mode; adding, loading, ``eval()``,
+        ``load_state_dict`` and ``Module.to`` call it themselves."""
+        names = self.road_theta.keys() if name is None else [name] if name in self.road_theta else []
+        self._unwritten.update(names)
+
+    def train(self, mode: bool = True) -> "AdaptedLinear":
+        super().train(mode)
+        if not mode:  # training stepped the parameters without telling the bank
+            self.refresh_coefficients()
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)  # may swap the parameters' storage (device, dtype)
+        self.refresh_coefficients()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_coefficients()  # the ParameterDicts below load next; rows are rewritten when next read
+
     # -- coefficients
     def road_parameters(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta, alpha)`` of adapter ``name`` as the layer applies them: outside its pair subset (if any) every
@@ -229,30 +216,25 @@ class AdaptedLinear(nn.Module):
         return masked(theta, alpha, mask)
 
     def coefficients(self, name: str, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(c1, s2)`` of adapter ``name``, computed in the parameters' precision (fp32) and cast to ``dtype`` when
-        given; cached (each cast too) while no gradient is being recorded."""
-        spec = self.specs[name]
+        """``(c1, s2)`` of adapter ``name``, in the parameters' precision or cast to ``dtype``: computed from the
+        parameters (differentiable) while training or when autograd needs them, else read from the bank."""
         theta, alpha = self.road_theta[name], self.road_alpha[name]
-        if torch.is_grad_enabled() and (theta.requires_grad or alpha.requires_grad):
+        if self.training or (torch.is_grad_enabled() and (theta.requires_grad or alpha.requires_grad)):
+            spec = self.specs[name]
             c1, s2 = road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
             return (c1, s2) if dtype is None else (c1.to(dtype), s2.to(dtype))
-        key = _stamp(theta, alpha)
-        hit = self._coeff_cache.get(name)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                c1, s2 = road_coefficients(spec.variant, spec.group_size, *self.road_parameters(name))
-            hit = self._coeff_cache[name] = (key, {None: (c1, s2)})
-        casts = hit[1]
-        pair = casts.get(dtype)
-        if pair is None:  # a bf16 model's decode step would otherwise pay two cast kernels per layer
-            c1, s2 = casts[None]
-            pair = casts[dtype] = (c1.to(dtype), s2.to(dtype))
-        return pair
+        if name in self._unwritten:
+            self._write_bank(name)
+        return self.bank.coefficients(name, dtype)
 
-    def invalidate_cache(self) -> None:
-        """Forget cached coefficient tables (needed only after editing parameters through ``.data``)."""
-        self._coeff_cache.clear()
-        self._bank = None
+    @torch.no_grad()
+    def _write_bank(self, name: str) -> None:
+        """Compute adapter ``name``'s coefficients from its parameters, in fp32 at least, into its bank row."""
+        spec = self.specs[name]
+        theta, alpha = self.road_parameters(name)
+        work = torch.promote_types(theta.dtype, torch.float32)
+        self.bank.write(name, *road_coefficients(spec.variant, spec.group_size, theta.to(work), alpha.to(work)))
+        self._unwritten.discard(name)
 
     def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         spec = self.specs[name]
@@ -287,129 +269,57 @@ class AdaptedLinear(nn.Module):
     # -- mixed batches
     @torch.no_grad()
     def build_mixed_tables(
-        self, names: list[Optional[str]], *, dtype: torch.dtype, index_cache: Optional[dict] = None
+        self, names: list[Optional[str]], *, dtype: torch.dtype, rows: Optional[BatchRows] = None
     ) -> None:
-        """Prepare the gathered tables for one batch whose row i uses ``names[i]`` (None = base model).
+        """Prepare the tables for one batch whose row i uses ``names[i]`` (None = base model).
 
-        Names this layer does not hold map to the identity row (an adapter may target a subset of layers).
-        Built once per ``per_sample_adapters`` block, so each decode step is one fused multiply-add pass.
-        Inference only: the tables are detached from the adapter parameters. ``index_cache``, a dict shared by the
-        layers of one block, lets layers with the same row indices (normally all of them) share those tensors.
+        ``rows``: the batch's bank rows, built once for every layer (``inject.per_sample_adapters``); by default
+        from this layer's own bank. Names this layer does not hold read the identity (an adapter may target a
+        subset of layers). Inference only: the tables are detached from the adapter parameters.
         """
         if self.merged is not None:
             raise AdapterStateError(
                 f"{self.module_name}: adapter {self.merged.name!r} is merged; unmerge it before mixed-adapter batches"
             )
-        device = self.base_layer.weight.device
         present = [n for n in dict.fromkeys(names) if n is not None and n in self.specs]
-        row_of = {n: i + 1 for i, n in enumerate(present)}
-        ids = _index_tensor([row_of.get(n, 0) if n is not None else 0 for n in names], device, index_cache)
+        if rows is None:
+            specs = {n: self.specs[n] for n in present}
+            rows = batch_rows(names, self.bank.rows, {n: s.group_size for n, s in specs.items()
+                                                      if variant_has_road(s.variant)},
+                              [n for n, s in specs.items() if s.lora_r])
+        rows = rows.on(self.base_layer.weight.device)
+        for n in present:
+            if n in self._unwritten:
+                self._write_bank(n)
+        self.bank.ensure_capacity(rows.max_row)
+        held = {self.specs[n].group_size for n in present if variant_has_road(self.specs[n].variant)}
+        c1_t, s2_t = self.bank.tables(dtype)
+        rotations = [(gs, index, c1_t, s2_t) for gs, index in rows.rotations if gs in held]
 
-        bank = self._rotation_bank([n for n in present if variant_has_road(self.specs[n].variant)])
-        rotations = []
-        # One pass per distinct group_size among the batch's adapters (normally exactly one); rows of other group
-        # sizes stay identity in that pass.
-        for gs in sorted({bank.rows[n][0] for n in present if n in bank.rows}):
-            c1_t, s2_t = self._bank_tables(bank, gs, dtype)
-            rows = [bank.rows[n][1] if bank.rows.get(n, (None,))[0] == gs else 0 for n in names]
-            rotations.append((gs, _index_tensor(rows, device, index_cache), c1_t, s2_t))
-
-        lora_a = lora_b = None
-        lora_names = [n for n in present if self.specs[n].lora_r]
-        if lora_names:
-            r_max = max(self.specs[n].lora_r for n in lora_names)
-            lora_a = torch.zeros(len(present) + 1, r_max, self.in_features, dtype=dtype, device=device)
-            lora_b = torch.zeros(len(present) + 1, self.out_features, r_max, dtype=dtype, device=device)
-            for n in lora_names:
-                lora_a[row_of[n]] = self._padded_a(n, r_max, dtype)
-                lora_b[row_of[n]] = self._padded_b(n, r_max, dtype)
-        self._mixed = _MixedTables(ids=ids, rotations=rotations, lora_a=lora_a, lora_b=lora_b, by_shape={})
-
-    def _rotation_bank(self, names: list[str]) -> _RotationBank:
-        """This layer's :class:`_RotationBank`, rebuilt when an adapter was added or removed (both drop it) or one of
-        ``names``, the batch's RoAd adapters, changed (see :func:`_stamp`). Adapters outside the batch are checked
-        when a batch uses them."""
-        # The ParameterDicts' own name -> Parameter dicts: their __getitem__ costs ~1 us a name, and this runs for
-        # every adapted layer each time a batch's adapter set changes.
-        thetas, alphas = self.road_theta._parameters, self.road_alpha._parameters
-        bank = self._bank
-        if bank is not None and all(bank.stamps.get(n) == _stamp(thetas[n], alphas[n]) for n in names):
-            return bank
-        rows: dict[str, tuple[int, int]] = {}
-        counts: dict[int, int] = {}
-        for n in thetas:
-            gs = self.specs[n].group_size
-            counts[gs] = counts.get(gs, 0) + 1
-            rows[n] = (gs, counts[gs])
-        stamps = {n: _stamp(t, alphas[n]) for n, t in thetas.items()}
-        bank = self._bank = _RotationBank(stamps=stamps, rows=rows, tables={})
-        return bank
-
-    def _bank_tables(self, bank: _RotationBank, gs: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(c1, s2)`` of every adapter with group size ``gs`` in ``dtype``, [1 + n, d_out], built on first use."""
-        tables = bank.tables.get((gs, dtype))
-        if tables is None:
-            names = sorted((row, n) for n, (g, row) in bank.rows.items() if g == gs)
-            pairs = [self.coefficients(n) for _, n in names]
-            ident_c1, ident_s2 = identity_coefficients(self.out_features, dtype=pairs[0][0].dtype,
-                                                       device=pairs[0][0].device)
-            c1_t = torch.stack([ident_c1] + [c1 for c1, _ in pairs]).to(dtype)
-            s2_t = torch.stack([ident_s2] + [s2 for _, s2 in pairs]).to(dtype)
-            tables = bank.tables[(gs, dtype)] = (c1_t, s2_t)
-        return tables
-
-    def _padded_a(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
-        a = self.lora_A[name].to(dtype)
-        return F.pad(a, (0, 0, 0, r_max - a.shape[0]))
-
-    def _padded_b(self, name: str, r_max: int, dtype: torch.dtype) -> torch.Tensor:
-        b = self.lora_B[name].to(dtype) * self.specs[name].lora_scale
-        return F.pad(b, (0, r_max - b.shape[1]))
+        # Each LoRA row of the batch: (A, B with its scale folded in), or None where this layer lacks the adapter.
+        loras = [(self.lora_A[n], self.lora_B[n].to(dtype) * self.specs[n].lora_scale)
+                 if n in self.specs and self.specs[n].lora_r else None for n in rows.lora_names]
+        self._mixed = MixedTables(len(rows.names), self.out_features, rotations, rows.lora_ids,
+                                  *lora_stacks(loras, dtype))
 
     def clear_mixed_tables(self) -> None:
         """Leave mixed-batch mode."""
         self._mixed = None
 
-    def _rows_for(self, batch: int, ndim: int, dtype: torch.dtype) -> tuple:
-        """``(ids, [(group_size, c1, s2), ...])`` for a [batch, ..., d_out] activation of ``ndim`` dims and
-        ``dtype``: each row's coefficients gathered, cast and shaped to broadcast against it, once per block."""
-        mixed = self._mixed
-        n = mixed.ids.shape[0]
-        if batch % n:
-            raise AdapterStateError(
-                f"{self.module_name}: per_sample_adapters got {n} adapter names but the layer sees a batch of "
-                f"{batch} rows (not a multiple of {n}); pass one name per batch row"
-            )
-        repeat = batch // n  # generate(num_return_sequences=k) / beams repeat_interleave every row k times
-
-        def expand(rows: torch.Tensor) -> torch.Tensor:
-            return rows if repeat == 1 else rows.repeat_interleave(repeat)
-
-        # Names are fixed for the whole block, so each row's coefficients are gathered once per activation shape
-        # and every decode step is a single fused pass with nothing to look up, cast or reshape: at small widths
-        # those per-call steps cost more than the rotation itself. Memory: 2 x batch x d_out per layer in the
-        # activation dtype (for LLaVA-7B, batch 32, bf16: ~170 MB in all, next to gigabytes of KV cache).
-        view = (batch,) + (1,) * (ndim - 2) + (self.out_features,)
-        rotations = []
-        for gs, rows, c1_t, s2_t in mixed.rotations:
-            rows = expand(rows)
-            rotations.append((gs, c1_t.index_select(0, rows).to(dtype).reshape(view),
-                              s2_t.index_select(0, rows).to(dtype).reshape(view)))
-        return expand(mixed.ids), rotations
-
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         mixed = self._mixed
-        key = (y.shape[0], y.dim(), y.dtype)
-        entry = mixed.by_shape.get(key)
-        if entry is None:
-            entry = mixed.by_shape[key] = self._rows_for(*key)
-        ids, rotations = entry
+        batch = y.shape[0]
+        if batch % mixed.batch:
+            raise AdapterStateError(
+                f"{self.module_name}: per_sample_adapters got {mixed.batch} adapter names but the layer sees a batch "
+                f"of {batch} rows (not a multiple of {mixed.batch}); pass one name per batch row"
+            )
+        lora_ids, rotations = mixed.rows_for(batch, y.dim(), y.dtype)
         if mixed.lora_a is not None:
-            # LoRA stacks are gathered per call (not cached): [batch, r, d_in] per layer would cost far more memory.
-            batch = y.shape[0]
+            # LoRA stacks are gathered per call (not kept): [batch, r, d_in] per layer would cost far more memory.
             x3 = x.reshape(batch, -1, x.shape[-1])
-            a = mixed.lora_a.index_select(0, ids).to(x.dtype)  # [B, r, d_in]
-            b = mixed.lora_b.index_select(0, ids).to(x.dtype)  # [B, d_out, r]
+            a = mixed.lora_a.index_select(0, lora_ids).to(x.dtype)  # [B, r, d_in]
+            b = mixed.lora_b.index_select(0, lora_ids).to(x.dtype)  # [B, d_out, r]
             delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
             y = y + delta.reshape(y.shape)
         # y is this layer's own fresh output (base matmul / LoRA sum), so rotating it in place is safe.
@@ -448,8 +358,8 @@ class AdaptedLinear(nn.Module):
             w.addmm_(b.to(w.dtype), a.to(w.dtype), alpha=spec.lora_scale)
         c1 = s2 = None
         if variant_has_road(spec.variant):
-            theta, alpha = (t.detach().to(w.dtype) for t in self.road_parameters(name))
-            c1, s2 = road_coefficients(spec.variant, spec.group_size, theta, alpha)
+            self._write_bank(name)  # from the parameters as they are now, whatever the mode
+            c1, s2 = (t.to(w.dtype, copy=True) for t in self.bank.coefficients(name))  # copies: kept for unmerge
             rotate_rows_(w, c1, s2, spec.group_size)
             if bias is not None:
                 bias.copy_(apply_rotation(bias.detach().to(w.dtype), c1, s2, spec.group_size).to(bias.dtype))

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .config import AdapterConfigError
+from .errors import AdapterConfigError
 
 PAIR_LAYOUTS = ("interleaved", "contiguous")
 

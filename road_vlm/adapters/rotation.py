@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .config import AdapterConfigError
+from .errors import AdapterConfigError
 
 
 def road_param_size(variant: str, d_out: int) -> int:
@@ -103,9 +103,8 @@ def _rotate_fused_in_place(y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, 
 
 def _in_row_blocks(rotate, y: torch.Tensor, c1: torch.Tensor, s2: torch.Tensor, group_size: int) -> None:
     """``rotate(y, c1, s2, group_size)`` over the whole tensor; on the CPU, large [batch, tokens, d] activations
-    (prefill) go in blocks of about 4 MiB so the three passes run out of cache (16 x 256 x 4096 on the 2-core dev
-    machine: 8.7 vs 33 ms in bf16, 32 vs 49 ms in fp32). Blocks are slices of rows: the work does not depend on how
-    many adapters the batch mixes."""
+    (prefill) go in blocks of about 4 MiB so the three passes run out of cache (scripts/bench_adapters.py measures
+    the prefill shapes). Blocks are slices of rows: the work does not depend on how many adapters the batch mixes."""
     if y.dim() != 3 or y.device.type != "cpu" or y.numel() * y.element_size() <= 2 * _CPU_BLOCK_BYTES:
         rotate(y, c1, s2, group_size)
         return

@@ -11,7 +11,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from peft import RoadConfig, get_peft_model
 
-from road_vlm.adapters import adapted_layers
+from road_vlm.adapters import adapted_layers, refresh_coefficients
 from road_vlm.adapters.config import PEFT_VARIANT
 from road_vlm.adapters.inject import peft_target_regex
 
@@ -81,6 +81,7 @@ def randomize_adapter(model, name: str, seed: int) -> None:
                 else:
                     v = torch.randn(p.shape, generator=gen) * 0.2
                 p.copy_(v.to(p.dtype))
+    refresh_coefficients(model, name)  # an in-place edit in eval mode: the documented call
 
 
 def make_inputs(batch: int = 3, seq: int = 6, seed: int = 0, with_image: bool = True) -> dict:

@@ -18,6 +18,7 @@ from road_vlm.adapters import (  # noqa: E402
     adapted_layers,
     merge_adapter,
     per_sample_adapters,
+    refresh_coefficients,
     save_adapter,
     set_active_adapter,
 )
@@ -36,6 +37,7 @@ def _perturb(model: nn.Module) -> None:
         for name, p in model.named_parameters():
             if ".road_" in name or ".lora_B." in name:
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    refresh_coefficients(model)  # in-place edits in eval mode: the documented call
 
 
 def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:

@@ -11,6 +11,7 @@ from road_vlm.adapters import (
     adapted_layers,
     add_adapter,
     per_sample_adapters,
+    refresh_coefficients,
     set_active_adapter,
 )
 
@@ -122,15 +123,27 @@ def test_tables_follow_parameter_updates_between_blocks(adx):
     with torch.no_grad():
         with per_sample_adapters(model, ["r4", "hy"]):
             first = model(**inputs).logits
+        model.train()
         for layer in adapted_layers(model).values():
-            layer.road_theta["r4"].mul_(-1.0)  # in-place, like an optimizer step
+            layer.road_theta["r4"].mul_(-1.0)  # in-place, like an optimizer step while training
+        model.eval()  # writes the banks from the stepped parameters
         with per_sample_adapters(model, ["r4", "hy"]):
             second = model(**inputs).logits
+        # An in-place edit in eval mode is seen after the documented call.
+        for layer in adapted_layers(model).values():
+            layer.road_alpha["hy"].mul_(1.5)
+        refresh_coefficients(model, "hy")
+        with per_sample_adapters(model, ["r4", "hy"]):
+            third = model(**inputs).logits
+        set_active_adapter(model, "hy")
+        hy_alone = model(**{k: v[1:] for k, v in inputs.items()}).logits
         set_active_adapter(model, "r4")
         alone = model(**{k: v[:1] for k, v in inputs.items()}).logits
     assert torch.equal(first[1], second[1])
     assert not torch.allclose(first[0], second[0], atol=1e-4)
     torch.testing.assert_close(second[:1], alone, rtol=0, atol=2e-6)
+    assert torch.equal(third[0], second[0]) and not torch.allclose(third[1], second[1], atol=1e-4)
+    torch.testing.assert_close(third[1:], hy_alone, rtol=0, atol=2e-6)
 
 
 def test_tables_are_stacked_once_and_follow_added_adapters_and_swapped_storage(adx):
@@ -151,10 +164,9 @@ def test_tables_are_stacked_once_and_follow_added_adapters_and_swapped_storage(a
         adx.randomize_adapter(model, "new", seed=40)
         with per_sample_adapters(model, ["new", "r4"]):
             mixed = model(**inputs).logits
-        # Storage swapped under a parameter (as Module.to / _apply do) is seen too: no version moves there.
-        for layer in adapted_layers(model).values():
-            theta = layer.road_theta["r4"]
-            theta.data = -theta.data.clone()
+        # Storage swapped under a parameter by Module._apply (what Module.to does) is seen too.
+        swapped = {id(layer.road_theta["r4"]) for layer in adapted_layers(model).values()}
+        model._apply(lambda t: -t if id(t) in swapped else t)
         with per_sample_adapters(model, ["new", "r4"]):
             replaced = model(**inputs).logits
         assert not torch.allclose(mixed[1], replaced[1], atol=1e-4)

@@ -121,16 +121,32 @@ def test_hybrid_layer_is_rotation_of_lora_output():
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
 
 
-def test_coefficient_cache_follows_in_place_updates():
+def _expected(layer, x):
+    c1, s2 = road_coefficients("road2", G, layer.road_theta["a"].detach(), layer.road_alpha["a"].detach())
+    return apply_rotation(layer.base_layer(x), c1, s2, G)
+
+
+def test_coefficients_follow_in_place_updates_in_training_and_through_the_bank_in_eval():
     layer = _layer("road2")
     x = torch.randn(2, 10, dtype=torch.float64)
     with torch.no_grad():
         first = layer(x)
-        layer.road_theta["a"].add_(0.25)  # bumps the version counter, like an optimizer step
+        layer.road_theta["a"].add_(0.25)  # like an optimizer step: training reads the live parameters
         second = layer(x)
     assert not torch.allclose(first, second)
-    c1, s2 = road_coefficients("road2", G, layer.road_theta["a"].detach(), layer.road_alpha["a"].detach())
-    torch.testing.assert_close(second, apply_rotation(layer.base_layer(x), c1, s2, G), rtol=0, atol=1e-12)
+    torch.testing.assert_close(second, _expected(layer, x), rtol=0, atol=1e-12)
+
+    layer.eval()  # eval() writes the bank from the stepped parameters
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), second, rtol=0, atol=0)
+        layer.road_theta["a"].add_(0.25)  # an in-place edit in eval mode, then the documented call
+        layer.refresh_coefficients("a")
+        torch.testing.assert_close(layer(x), _expected(layer, x), rtol=0, atol=1e-12)
+        layer.load_state_dict({k: v + 0.5 if k == "road_theta.a" else v for k, v in layer.state_dict().items()})
+        torch.testing.assert_close(layer(x), _expected(layer, x), rtol=0, atol=1e-12)
+    # With autograd recording, eval mode reads the parameters too (gradients reach them).
+    layer(x).sum().backward()
+    assert layer.road_theta["a"].grad is not None and layer.road_theta["a"].grad.abs().max() > 0
 
 
 def test_unmerge_refuses_singular_block_and_names_layer():
