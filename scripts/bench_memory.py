@@ -28,7 +28,7 @@ CONFIGS = ("zero2", "zero3", "zero3_offload")
 GIB = 2 ** 30
 
 # LLaVA-1.5 sizes: total parameters (CLIP ViT-L/14-336 + projector + Vicuna), largest layer (the embedding),
-# and RoAd4 + projector trainable parameters (README's counts; 13B: 4 x 53,248 x 40 + projector 5120-wide).
+# and RoAd4 + projector trainable parameters (docs/adapters.md's counts; 13B: 4 x 53,248 x 40 + projector 5120-wide).
 SIZES = {
     "llava-1.5-7b": {"total": 7_063_427_072, "largest_layer": 32_064 * 4096, "trainable": 5_439_488 + 20_979_712},
     "llava-1.5-13b": {"total": 13_350_839_296, "largest_layer": 32_064 * 5120, "trainable": 8_519_680 + 31_467_520},

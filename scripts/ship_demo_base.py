@@ -4,7 +4,7 @@ library versions, machine, SHA-256 of every file). For maintainers, after a chan
 
     road-vlm demo --workdir outputs/demo-base --rebuild-base --until base
     python scripts/ship_demo_base.py --workdir outputs/demo-base
-    road-vlm demo --fresh      # then re-measure the README's demo table, over seeds, from the new base
+    road-vlm demo --fresh      # then re-measure docs/demo.md's seed table from the new base
 """
 
 from __future__ import annotations

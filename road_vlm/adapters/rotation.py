@@ -158,8 +158,8 @@ def rotate_rows_(
 
     Merging is memory-bound. On the CPU the matrix is processed in blocks of whole groups of about
     ``block_bytes`` (default 1 MiB) so the five element-wise kernels per block run out of cache and main memory is
-    read and written about once. On a GPU the default is one block: there each block costs five kernel launches,
-    and 1 MiB blocks made a 4096x4096 merge 7x slower than a dense product (64 blocks, ~320 launches; H200).
+    read and written about once. On a GPU the default is one block: there each block costs five kernel launches, so
+    many small blocks would make the merge launch-bound (slower than a dense product).
     Uses fused multiply-adds, so results may differ from :func:`rotate_rows` in the last bit.
     """
     d_out, d_in = weight.shape

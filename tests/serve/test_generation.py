@@ -11,7 +11,6 @@ from road_vlm.data.images import load_image
 from road_vlm.data.template import PromptFormat, encode_prompt
 from road_vlm.model import load_vlm, num_image_tokens
 from road_vlm.generation import (
-    PreparedPrompt,
     GenerationRequest,
     PromptTooLongError,
     SamplingError,
