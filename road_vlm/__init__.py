@@ -7,8 +7,7 @@ The public API is re-exported here. Attributes resolve lazily (PEP 562) so that 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from road_vlm.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -30,13 +29,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'road_vlm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

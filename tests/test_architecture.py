@@ -42,6 +42,7 @@ LONG_MODULES_ALLOWED = {"road_vlm/demo/synthetic.py"}
 LAYERS: dict[str, int] = {
     "filenames": 0,     # artifact file names, defined once
     "outputs": 0,       # atomic output directories, file hashes
+    "lazy": 0,          # lazy re-exports of the package faces
     "adapters": 1,      # the adapter engine
     "data": 1,          # templates, labels, images, dataset, collator
     "quantization": 2,  # 4/8-bit bases (wraps adapted layers)

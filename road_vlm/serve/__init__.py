@@ -15,8 +15,7 @@ resolve lazily (PEP 562), so that ``road-vlm --help`` does not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from road_vlm.lazy import lazy_getattr
 
 _EXPORTS = {
     "AdapterLoadError": "road_vlm.serve.engine",
@@ -38,13 +37,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'road_vlm.serve' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:
