@@ -1,5 +1,6 @@
 """Every benchmark script's quick mode runs (smoke: no timing assertions), so none can rot. bench_adapters,
-bench_train and bench_serving run through scripts/gpu_check.sh --dry-run (tests/test_gpu_check.py)."""
+bench_train and bench_serving run through scripts/gpu_check.sh --dry-run (tests/test_gpu_check.py), bench_compose in
+tests/test_bench_compose.py."""
 
 from __future__ import annotations
 
@@ -46,16 +47,6 @@ def test_repro_strided_linear_quick_runs_standalone():
     report = _run("scripts/repro_strided_linear.py", "--quick")
     assert {(r["dtype"], r["requires_grad"], r["input"]) for r in report["rows"]} == {
         (d, g, i) for d in ("bfloat16", "float32") for g in (True, False) for i in ("strided", "contiguous")}
-
-
-def test_bench_compose_quick_trains_composes_sums_and_reports(tmp_path):
-    report = _run("scripts/bench_compose.py", "--quick", "--recipe", "anchored", "--workdir", str(tmp_path))
-    assert set(report["accuracy"]) == {"base", "road4_shapes", "road4_text", "road4_composed", "lora_shapes",
-                                       "lora_text", "lora_summed"}
-    assert set(report["retained_percent"]) == {"road4", "lora"}
-    assert report["setup"]["recipe"] == "anchored"
-    composed = tmp_path / "compose-quick-anchored" / "adapters" / "road4_composed"
-    assert json.loads((composed / "composed_from.json").read_text())["pair_subset"] is None
 
 
 def test_bench_server_quick_drives_real_servers_with_both_batching_policies():
