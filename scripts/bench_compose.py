@@ -177,6 +177,8 @@ class Bench:
         config["output"].update(dir=str(out), report_to="none")
         if compose is not None:
             config["compose"] = compose
+            if "tasks" in compose:
+                config["data"]["group_by_modality_length"] = False  # co-training batches one task at a time
         out.parent.mkdir(parents=True, exist_ok=True)
         config_file = out.with_suffix(".yaml")
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
