@@ -370,14 +370,15 @@ def main() -> int:
     for seed in seeds:
         rows = seed_rows(bench, recipes, seed)
         print(f"== eval, seed {seed}", file=sys.stderr, flush=True)
-        # One output folder for every seed: the base row is answered once and reused.
+        # One output folder for every seed (per eval set): the base row is answered once and reused.
+        answers = bench.work / f"eval-{args.num_eval}"
         results = evaluate(model=bench.base, adapters=[None, *rows.values()], benchmarks=list(TASKS.values()),
-                           data_root=eval_dir, output=bench.work / "eval", batch_size=16, progress=False,
+                           data_root=eval_dir, output=answers, batch_size=16, progress=False,
                            max_new_tokens=8 if args.quick else None)
         names = {"base": "base", **{f"s{seed}-{row}": row for row in rows}}
         accuracy[f"seed{seed}"] = {row: {t: round(results["rows"][key][b]["accuracy"], 2) for t, b in TASKS.items()}
                                    for key, row in names.items()}
-        boots[f"seed{seed}"] = {b: Bootstrap({row: question_scores(bench.work / "eval", eval_dir, key, b,
+        boots[f"seed{seed}"] = {b: Bootstrap({row: question_scores(answers, eval_dir, key, b,
                                                                    results["rows"][key][b]["accuracy"])
                                               for key, row in names.items()}, args.resamples, seed=index)
                                 for index, b in enumerate(TASKS.values())}
