@@ -233,6 +233,7 @@ def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
         raise AdapterStateError(f"adapter {reg.merged!r} is merged; unmerge it before switching adapters")
     for layer in adapted_layers(model).values():
         layer.active_adapter = name if name in layer.specs else None
+        layer.partners = layer.idle = ()
         for adapter in layer.specs:
             for p in layer.adapter_parameters(adapter).values():
                 p.requires_grad_(adapter == name)
@@ -242,6 +243,29 @@ def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
         for p in found[1].parameters():
             p.requires_grad_(train_proj)
     reg.active = name
+
+
+def set_composition(model: nn.Module, active: Optional[str], partners: Sequence[str] = (),
+                    idle: Sequence[str] = ()) -> None:
+    """Composed training's switch: ``active`` acts with its gradient, each of ``partners`` acts after it with its
+    gradient cut, ``idle`` adapters do not act; partners and idle adapters still join the graph with weight zero
+    (``AdaptedLinear._partners_forward``). ``requires_grad`` is left as it is: co-training keeps every task's
+    adapter trainable for the whole run. Pairs must be disjoint (checked when the run is configured)."""
+    reg = registry(model)
+    named = [n for n in (active, *partners, *idle) if n is not None]
+    unknown = [n for n in named if n not in reg.configs]
+    if unknown:
+        raise AdapterStateError(f"no adapter named {unknown[0]!r}; loaded: {sorted(reg.configs)}")
+    if len(set(named)) != len(named):
+        raise AdapterStateError(f"an adapter is named twice in active={active!r}, partners={list(partners)}, "
+                                f"idle={list(idle)}")
+    if reg.merged is not None:
+        raise AdapterStateError(f"adapter {reg.merged!r} is merged; unmerge it before composing adapters")
+    for layer in adapted_layers(model).values():
+        layer.active_adapter = active if active in layer.specs else None
+        layer.partners = tuple(n for n in partners if n in layer.specs)
+        layer.idle = tuple(n for n in idle if n in layer.specs)
+    reg.active = active
 
 
 def refresh_coefficients(model: nn.Module, name: Optional[str] = None) -> None:

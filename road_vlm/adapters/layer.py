@@ -3,6 +3,9 @@
 Forward paths:
 - single adapter (the active one): ``z = R (W0 h + s B A h + b)`` with R and/or the LoRA part present per variant;
 - merged: the adapter lives in the base weights, the layer is the bare base layer;
+- composed training (``inject.set_composition``): after the active adapter, each *partner* adapter rotates the
+  output with its current values and no gradient; *idle* adapters take no part. Both join the autograd graph with
+  weight zero, so every trainable adapter gets a gradient (of zero where it did not act) on every rank;
 - mixed batch (inside ``per_sample_adapters``): every batch row picks an adapter (or none). The rotation is one
   gather from the layer's coefficient bank (``bank.py``, row 0 = identity) plus one element-wise pass over the
   whole batch; the LoRA parts of lora/hybrid adapters are one gathered ``bmm`` with ranks padded to the largest.
@@ -87,6 +90,8 @@ class AdaptedLinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.specs: dict[str, LayerAdapterSpec] = {}
         self.active_adapter: Optional[str] = None
+        self.partners: tuple[str, ...] = ()  # composed after the active adapter, gradient cut (set_composition)
+        self.idle: tuple[str, ...] = ()  # trained in this run, off in this batch (set_composition)
         self.merged: Optional[_MergedState] = None
         self.bank = CoefficientBank(base_layer.out_features)
         self._unwritten: set[str] = set()  # RoAd adapters whose bank rows wait for their parameters (next read)
@@ -163,6 +168,8 @@ class AdaptedLinear(nn.Module):
         self._unwritten.discard(name)
         if self.active_adapter == name:
             self.active_adapter = None
+        self.partners = tuple(n for n in self.partners if n != name)
+        self.idle = tuple(n for n in self.idle if n != name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """``{"road_theta": p, ...}`` for one adapter (only the kinds it has)."""
@@ -251,7 +258,12 @@ class AdaptedLinear(nn.Module):
             return self._mixed_forward(x, y)
         if self.merged is not None:
             return y
-        name = self.active_adapter
+        y = self._active_forward(x, y, self.active_adapter)
+        if self.partners or self.idle:
+            y = self._partners_forward(y)
+        return y
+
+    def _active_forward(self, x: torch.Tensor, y: torch.Tensor, name: Optional[str]) -> torch.Tensor:
         if name is None or name not in self.specs:
             return y
         spec = self.specs[name]
@@ -265,6 +277,23 @@ class AdaptedLinear(nn.Module):
                 # y is this layer's own fresh output (base matmul / LoRA sum), so rotating it in place is safe.
                 y = apply_rotation_exact_(y, c1, s2, spec.group_size)
         return y
+
+    def _partners_forward(self, y: torch.Tensor) -> torch.Tensor:
+        """Partners rotate ``y`` with their current values (their pairs are disjoint from the active adapter's, so
+        the order does not matter); partners and idle adapters add ``0 x`` their coefficients, so a trainable one
+        still gets a (zero) gradient: ZeRO reduces the same gradients on every rank whichever adapters acted."""
+        zero = None
+        for name in (*self.partners, *self.idle):
+            spec = self.specs.get(name)
+            if spec is None:  # this adapter skips this layer
+                continue
+            c1, s2 = self.coefficients(name, y.dtype)
+            if c1.requires_grad:
+                term = (c1.sum() + s2.sum()) * 0.0
+                zero = term if zero is None else zero + term
+            if name in self.partners:
+                y = apply_rotation(y, c1.detach(), s2.detach(), spec.group_size)
+        return y if zero is None else y + zero
 
     # -- mixed batches
     @torch.no_grad()

@@ -80,6 +80,25 @@ def modality_grouped_order(lengths: list[int], layout: BatchLayout, gen: torch.G
     return [i for mb in shuffled for i in mb]
 
 
+def task_grouped_order(tasks: list[int], layout: BatchLayout, gen: torch.Generator) -> list[int]:
+    """Co-training (``train/composition.py``): every micro-batch holds one task's samples. Each task's samples are
+    shuffled and cut into micro-batches (its last one completed by wrapping around within the task); then the
+    micro-batches of all tasks are shuffled together."""
+    b = layout.micro_batch
+    chunks: list[list[int]] = []
+    for task in sorted(set(tasks)):
+        pool = [i for i, t in enumerate(tasks) if t == task]
+        perm = [pool[i] for i in torch.randperm(len(pool), generator=gen).tolist()]
+        perm = [perm[i % len(perm)] for i in range(-(-len(perm) // b) * b)]
+        chunks += [perm[start:start + b] for start in range(0, len(perm), b)]
+    return [i for c in torch.randperm(len(chunks), generator=gen).tolist() for i in chunks[c]]
+
+
+def task_grouped_length(tasks: list[int], micro_batch: int) -> int:
+    """Samples in one epoch of ``task_grouped_order`` before padding to the global batch."""
+    return sum(-(-tasks.count(task) // micro_batch) * micro_batch for task in set(tasks))
+
+
 def epoch_order(
     num_samples: int,
     layout: BatchLayout,
@@ -87,13 +106,21 @@ def epoch_order(
     seed: int,
     epoch: int,
     modality_lengths: list[int] | None = None,
+    tasks: list[int] | None = None,
 ) -> list[int]:
-    """All sample indices of one epoch in training order, padded to a multiple of the global batch."""
+    """All sample indices of one epoch in training order, padded to a multiple of the global batch (whole
+    micro-batches are repeated, so a task-grouped order keeps one task per micro-batch)."""
     if num_samples <= 0:
         raise ValueError("cannot order an empty dataset")
     gen = torch.Generator()
     gen.manual_seed(seed * 100_003 + epoch)  # its own generator: data order never consumes the model's RNG
-    if modality_lengths is not None:
+    if modality_lengths is not None and tasks is not None:
+        raise ValueError("an order is grouped by modality or by task, not both")
+    if tasks is not None:
+        if len(tasks) != num_samples:
+            raise ValueError("tasks must have one entry per sample")
+        order = task_grouped_order(tasks, layout, gen)
+    elif modality_lengths is not None:
         if len(modality_lengths) != num_samples:
             raise ValueError("modality_lengths must have one entry per sample")
         order = modality_grouped_order(modality_lengths, layout, gen)

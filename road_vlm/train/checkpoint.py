@@ -31,7 +31,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from road_vlm.adapters import save_adapter
 from road_vlm.data.template import PromptFormat
 from road_vlm.outputs import file_sha256
+from road_vlm.train.composition import save_parts
 from road_vlm.train.config import TrainingConfig
 from road_vlm.train.distributed import DistInfo, barrier
 from road_vlm.filenames import TRAINER_STATE, CHECKPOINT_MANIFEST
@@ -232,8 +233,12 @@ def save_checkpoint(
     output_dir: Path,
     dist: DistInfo,
     adapter_name: str = "default",
+    parts: Sequence[str] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically. Collective: every rank must call it."""
+    """Write ``checkpoint-<step>`` atomically. Collective: every rank must call it.
+
+    ``parts``: a composed run's adapters (``composition.py``): each is saved under ``parts/<name>/`` and their
+    composition at the top, in place of ``adapter_name``."""
     step = state.global_step
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"{TMP_PREFIX}{step}"
@@ -243,11 +248,15 @@ def save_checkpoint(
     if dist.is_main:
         tmp.mkdir(parents=True)
     barrier()
-    save_adapter(model, tmp, adapter_name)  # gathers ZeRO-3 shards on every rank, writes on rank 0
+    prompt_format = PromptFormat(config.data.template, config.data.image_aspect_ratio, config.data.max_length)
+    if parts is None:
+        save_adapter(model, tmp, adapter_name)  # gathers ZeRO-3 shards on every rank, writes on rank 0
+    else:
+        save_parts(model, tmp, parts, dist.is_main, prompt_format)
     engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, exclude_frozen_parameters=True)
     save_rng_state(tmp, dist.rank)
     if dist.is_main:
-        PromptFormat(config.data.template, config.data.image_aspect_ratio, config.data.max_length).save(tmp)
+        prompt_format.save(tmp)
         config.save(tmp / "config.yaml")
         state.save(tmp)
     barrier()  # every rank's files are written

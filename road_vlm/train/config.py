@@ -8,6 +8,7 @@ A config file has exactly these sections::
     train:     optimisation, schedule, checkpointing and resume
     deepspeed: the DeepSpeed JSON ("auto" values are filled from this config)
     output:    where checkpoints, logs, loss.png and summary.json go
+    compose:   optional: co-train adapters on disjoint pairs, or train one composed with a saved adapter
 
 Every key is documented in the shipped ``configs/*.yaml``. Unknown keys and wrong types are errors that name the
 dotted key (``train.learning_rate``) and the file, so a typo never silently falls back to a default.
@@ -16,6 +17,7 @@ dotted key (``train.learning_rate``) and the file, so a typo never silently fall
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -92,6 +94,30 @@ class OutputConfig:
 
 
 @dataclass
+class ComposeTask:
+    """One entry of ``compose.tasks``: an adapter trained on its own data and its own pairs."""
+
+    name: str = ""  # the adapter's name (checkpoint-N/parts/<name>/)
+    data: str = ""  # its LLaVA instruction data (a JSON array or JSONL file); images under data.image_folder
+    pair_subset: str = ""  # its pairs ("k/n"); the tasks' subsets must be disjoint
+
+
+@dataclass
+class ComposeConfig:
+    """``compose:`` section (``road_vlm.train.composition``). Empty: one adapter trained on ``data.path``."""
+
+    tasks: list[ComposeTask] = field(default_factory=list)  # co-training: one adapter per task, one run
+    partner_prob: float = 0.5  # on a task's micro-batch, each other task's adapter is on (no gradient) this often
+    compose_with: str | None = None  # sequential: a saved adapter, frozen and always composed in (disjoint pairs)
+    feature_anchor_weight: float = 0.0  # co-training: weight of the hidden-state MSE to the base on other tasks
+    feature_anchor_layers: list[int] = field(default_factory=lambda: [2, 4])  # hidden_states indices it compares
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks) or self.compose_with is not None
+
+
+@dataclass
 class TrainingConfig:
     """The whole training configuration."""
 
@@ -101,6 +127,7 @@ class TrainingConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     output: OutputConfig = field(default_factory=OutputConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what config.yaml in each checkpoint holds)."""
@@ -122,6 +149,7 @@ _SECTION_TYPES: dict[str, type] = {
     "train": TrainLoopConfig,
     "deepspeed": DeepSpeedSection,
     "output": OutputConfig,
+    "compose": ComposeConfig,
 }
 _REQUIRED = ("model.name_or_path", "data.path", "output.dir")
 
@@ -145,6 +173,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
         if value in choices:
             return value
         raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(key, tp, value, source)
     if tp is type(None):
         if value is None:
             return None
@@ -175,12 +205,12 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _build_section(name: str, raw: Any, source: str) -> Any:
-    cls = _SECTION_TYPES[name]
+def _build_dataclass(name: str, cls: type, raw: Any, source: str) -> Any:
+    """A section (or a mapping inside one, e.g. ``compose.tasks[0]``) checked key by key."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{source}: '{name}' must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -193,6 +223,12 @@ def _build_section(name: str, raw: Any, source: str) -> Any:
         return cls(**kwargs)
     except AdapterConfigError as err:
         raise ConfigError(f"{source}: adapter section: {err}") from err
+
+
+def _build_section(name: str, raw: Any, source: str) -> Any:
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
+    return _build_dataclass(name, _SECTION_TYPES[name], raw, source)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -231,6 +267,8 @@ def config_from_dict(data: Any, *, source: str = "<config>", overrides: list[str
     config = TrainingConfig(**sections)
     for dotted in _REQUIRED:
         section, key = dotted.split(".")
+        if dotted == "data.path" and config.compose.tasks:
+            continue  # co-training reads each task's data instead
         if not getattr(getattr(config, section), key):
             raise ConfigError(f"{source}: '{dotted}' is required")
     _check_values(config, source)
@@ -262,6 +300,76 @@ def _check_values(config: TrainingConfig, source: str) -> None:
         raise ConfigError(f"{source}: learning rates must be positive (train.learning_rate, train.projector_lr)")
     if config.data.num_workers < 0:
         raise ConfigError(f"{source}: 'data.num_workers' must be >= 0")
+    if config.compose.enabled:
+        _check_compose(config, source)
+
+
+def _check_compose(config: TrainingConfig, source: str) -> None:
+    """The compose section against the adapter and data sections: every pair subset disjoint, RoAd only."""
+    from road_vlm.adapters.compose import check_disjoint
+    from road_vlm.adapters.errors import CompositionError
+    from road_vlm.adapters.config import variant_has_lora, variant_has_road
+
+    c, adapter = config.compose, config.adapter
+    if c.tasks and c.compose_with is not None:
+        raise ConfigError(f"{source}: 'compose.tasks' and 'compose.compose_with' are two ways to compose; use one")
+    if not variant_has_road(adapter.variant) or variant_has_lora(adapter.variant):
+        raise ConfigError(f"{source}: composing needs a RoAd variant (road1/road2/road4), not {adapter.variant!r}: "
+                          "a LoRA update is dense across output dims, so adapters on it never act on disjoint pairs")
+    if adapter.train_projector:
+        raise ConfigError(f"{source}: 'adapter.train_projector' with 'compose': every adapter of a composition "
+                          "shares the one projector; train it in a run of its own")
+    if not 0.0 <= c.partner_prob <= 1.0:
+        raise ConfigError(f"{source}: 'compose.partner_prob' must be in [0, 1], got {c.partner_prob}")
+    if c.feature_anchor_weight < 0:
+        raise ConfigError(f"{source}: 'compose.feature_anchor_weight' must be >= 0, got {c.feature_anchor_weight}")
+    if c.feature_anchor_weight and not c.tasks:
+        raise ConfigError(f"{source}: 'compose.feature_anchor_weight' anchors co-trained adapters on the other "
+                          "tasks' prompts; it needs 'compose.tasks'")
+    if c.feature_anchor_weight and not c.feature_anchor_layers:
+        raise ConfigError(f"{source}: 'compose.feature_anchor_layers' is empty")
+    if c.compose_with is not None:
+        if adapter.pair_subset is None:
+            raise ConfigError(f"{source}: 'compose.compose_with' needs 'adapter.pair_subset' (disjoint from the "
+                              "saved adapter's pairs)")
+        return  # the saved adapter's config is checked against this one when the model loads (model_setup)
+    if adapter.pair_subset is not None:
+        raise ConfigError(f"{source}: with 'compose.tasks' each task sets its own pairs; leave 'adapter.pair_subset' "
+                          "unset")
+    if config.data.group_by_modality_length:
+        raise ConfigError(f"{source}: 'data.group_by_modality_length' with 'compose.tasks': co-training groups "
+                          "micro-batches by task (one task per micro-batch); set it to false")
+    if len(c.tasks) < 2:
+        raise ConfigError(f"{source}: 'compose.tasks' needs at least two tasks, got {len(c.tasks)}")
+    configs = {}
+    for i, task in enumerate(c.tasks):
+        where = f"{source}: 'compose.tasks[{i}]"
+        for key in ("name", "data", "pair_subset"):
+            if not getattr(task, key):
+                raise ConfigError(f"{where}.{key}' is required")
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", task.name):  # it names a directory: parts/<name>/
+            raise ConfigError(f"{where}.name' {task.name!r}: use letters, digits, '_' and '-' only")
+        if task.name in configs:
+            raise ConfigError(f"{where}.name' {task.name!r} is used twice")
+        try:
+            configs[task.name] = dataclasses.replace(adapter, pair_subset=task.pair_subset)
+        except AdapterConfigError as err:
+            raise ConfigError(f"{where}.pair_subset': {err}") from err
+    try:  # a layer with 2 * lcm(n) pairs per group is enough to find any overlap between the subsets
+        check_disjoint("compose.tasks", adapter.variant, adapter.group_size, _probe_size(adapter, configs), configs)
+    except CompositionError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
+def _probe_size(adapter: AdapterConfig, configs: dict[str, AdapterConfig]) -> int:
+    """``road_theta`` length of a layer whose pairs every subset of ``configs`` can slice."""
+    import math
+
+    from road_vlm.adapters.rotation import road_param_size
+
+    slices = math.lcm(*(cfg.pairs.of for cfg in configs.values()))
+    d_out = adapter.group_size * slices  # group_size / 2 pairs per group: at least `slices` pairs in all
+    return road_param_size(adapter.variant, d_out)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:

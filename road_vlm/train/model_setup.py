@@ -9,6 +9,7 @@ import torch
 
 from road_vlm.quantization import Quantization, prepare_kbit_training
 from road_vlm.train.checkpoint import exclude_quantized_state
+from road_vlm.train.composition import Composition, attach_composed_adapters
 from road_vlm.train.config import ConfigError, TrainingConfig
 from road_vlm.train.ds_config import zero3_partitioned_loading
 
@@ -35,8 +36,9 @@ def text_hidden_size(name_or_path: str) -> int:
 
 
 def load_model_with_adapter(config: TrainingConfig, device: str | torch.device = "cpu",
-                            zero3_config: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    """Base LLaVA + a fresh adapter; vision tower and all base weights frozen, projector per the config.
+                            zero3_config: dict[str, Any] | None = None) -> tuple[Any, Any, Composition | None]:
+    """Base LLaVA + a fresh adapter (or a composed run's adapters: ``composition.py``); vision tower and all base
+    weights frozen, projector per the config. Returns the model, its processor and the composition (or None).
 
     ``zero3_config``: the DeepSpeed ZeRO-3 config; the base is then constructed and loaded partitioned
     (``zero3_partitioned_loading``), and the adapter is attached to the partitioned model.
@@ -56,8 +58,12 @@ def load_model_with_adapter(config: TrainingConfig, device: str | torch.device =
         prepare_kbit_training(model)
         exclude_quantized_state(model)
     model.config.use_cache = False
+    composition = None
     try:
-        add_adapter(model, config.adapter, name=ADAPTER_NAME)
+        if config.compose.enabled:
+            composition = attach_composed_adapters(model, config)
+        else:
+            add_adapter(model, config.adapter, name=ADAPTER_NAME)
     except AdapterConfigError as err:
         raise ConfigError(f"adapter section does not fit {config.model.name_or_path}: {err}") from err
     vision = model.model.vision_tower
@@ -74,4 +80,4 @@ def load_model_with_adapter(config: TrainingConfig, device: str | torch.device =
         # (needed with reentrant checkpointing, harmless without: what LLaVA does).
         model.enable_input_require_grads()
     model.train()
-    return model, processor
+    return model, processor, composition

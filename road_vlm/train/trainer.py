@@ -35,6 +35,7 @@ from road_vlm.data.sampler import (
     micro_steps_with_images,
     rank_micro_batches,
     steps_per_epoch,
+    task_grouped_length,
 )
 from road_vlm.train.checkpoint import (
     TMP_PREFIX,
@@ -45,7 +46,8 @@ from road_vlm.train.checkpoint import (
     save_checkpoint,
 )
 from road_vlm.train.config import ConfigError, TrainingConfig
-from road_vlm.train.data_setup import DATA_CACHE, build_dataset
+from road_vlm.train.composition import Composition, feature_anchor_loss
+from road_vlm.train.data_setup import DATA_CACHE, TaskDatasets, build_dataset
 from road_vlm.train.distributed import DistInfo, all_reduce_sum, barrier, first_error, init_distributed
 from road_vlm.train.ds_config import (
     build_deepspeed_config,
@@ -54,7 +56,7 @@ from road_vlm.train.ds_config import (
     read_deepspeed_json,
     zero_stage,
 )
-from road_vlm.train.loss import compute_loss
+from road_vlm.train.loss import compute_loss, model_forward
 from road_vlm.train.model_setup import ADAPTER_NAME, load_model_with_adapter, model_dtype, text_hidden_size
 from road_vlm.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 from road_vlm.train.reporting import Reporter, format_summary, peak_memory_bytes, plot_loss, write_summary
@@ -88,7 +90,8 @@ class TrainingRun:
     ds_config: dict[str, Any] = field(default_factory=dict)
     model: Any = None
     processor: Any = None
-    dataset: LazySupervisedDataset | None = None
+    dataset: LazySupervisedDataset | TaskDatasets | None = None
+    composition: Composition | None = None  # a composed run's adapters (compose section), else None
     engine: Any = None
     scheduler: Any = None
     layout: BatchLayout | None = None
@@ -146,7 +149,7 @@ def load_model(run: TrainingRun) -> None:
                                  source=config.deepspeed.config)
     # ZeRO-0/1/2 keep a full model copy per rank, loaded straight onto the accelerator. ZeRO-3 constructs and loads
     # the base inside zero.Init, so no rank ever holds all of it (13B in bf16 would be 26 GB per rank otherwise).
-    run.model, run.processor = first_error(dist, load_model_with_adapter, config, dist.device,
+    run.model, run.processor, run.composition = first_error(dist, load_model_with_adapter, config, dist.device,
                                             zero3_config=run.ds_config if run.stage == 3 else None)
     base_load = {**partition_stats(run.model), **peak_memory_bytes(dist.device)}  # peaks so far: the load
     if dist.is_main and base_load["zero3_partitioned"]:
@@ -176,7 +179,9 @@ def initialize_engine(run: TrainingRun) -> None:
     run.report.update(trainable_parameters=trainable, total_parameters=total,
                       trainable_percent=100.0 * trainable / total)
     run.layout = layout = BatchLayout(dist.world_size, t.per_device_batch_size, t.gradient_accumulation_steps)
-    run.per_epoch = steps_per_epoch(len(run.dataset), layout)
+    tasks = getattr(run.dataset, "task_of", None)
+    epoch_size = len(run.dataset) if tasks is None else task_grouped_length(tasks, layout.micro_batch)
+    run.per_epoch = steps_per_epoch(epoch_size, layout)
     run.total_steps = t.max_steps if t.max_steps > 0 else run.per_epoch * t.num_epochs
     warmup = warmup_steps(t.warmup_ratio, run.total_steps)
     groups = param_groups(run.model, learning_rate=t.learning_rate, projector_lr=t.projector_lr,
@@ -215,8 +220,27 @@ def initialize_engine(run: TrainingRun) -> None:
 
 
 def _save(run: TrainingRun) -> None:
+    parts = run.composition.parts if run.composition is not None else None
     save_checkpoint(engine=run.engine, model=run.engine.module, config=run.config, state=run.state,
-                    output_dir=run.output_dir, dist=run.dist, adapter_name=ADAPTER_NAME)
+                    output_dir=run.output_dir, dist=run.dist, adapter_name=ADAPTER_NAME, parts=parts)
+
+
+def _micro_step_loss(run: TrainingRun, batch: dict[str, Any], indices: list[int], *, micro: int,
+                     run_vision: bool) -> torch.Tensor:
+    """One micro-batch's loss; a composed run first switches its adapters for the batch's task."""
+    config, composition = run.config, run.composition
+    kwargs = dict(pixel_dtype=run.pixel_dtype, train_projector=config.adapter.train_projector, run_vision=run_vision)
+    if composition is None:
+        return compute_loss(run.engine, batch, **kwargs)
+    task = run.dataset.task_of[indices[0]] if isinstance(run.dataset, TaskDatasets) else 0
+    anchor = None
+    if config.compose.feature_anchor_weight:
+        anchor = feature_anchor_loss(run.engine.module, composition, task,
+                                     lambda b: model_forward(run.engine, b, hidden_states=True, **kwargs), batch,
+                                     config.compose.feature_anchor_layers)
+    composition.route(run.engine.module, task, step=run.state.global_step, micro=micro, rank=run.dist.rank)
+    loss = compute_loss(run.engine, batch, **kwargs)
+    return loss if anchor is None else loss + config.compose.feature_anchor_weight * anchor
 
 
 def run_steps(run: TrainingRun) -> None:
@@ -236,6 +260,7 @@ def run_steps(run: TrainingRun) -> None:
             order = epoch_order(
                 len(dataset), layout, seed=t.seed, epoch=epoch,
                 modality_lengths=dataset.modality_lengths if config.data.group_by_modality_length else None,
+                tasks=getattr(dataset, "task_of", None),
             )
             batches = rank_micro_batches(order, layout, dist.rank, start_step=step_in_epoch)
             # ZeRO-3: which micro-steps have an image on some rank (then every rank runs the vision tower).
@@ -247,18 +272,18 @@ def run_steps(run: TrainingRun) -> None:
                 generator=torch.Generator().manual_seed(t.seed),
             )
             batch_iter = iter(loader)
+            index_iter = iter(batches)
             vision_iter = iter(vision_steps)
             for _ in range(step_in_epoch, per_epoch):
                 if state.global_step >= total_steps:
                     break
                 step_start = time.perf_counter()
                 losses = []
-                for _micro in range(layout.grad_accum):
+                for micro in range(layout.grad_accum):
                     batch = next(batch_iter)
                     skipped_local += batch["num_skipped"]
                     truncated_local += batch["num_truncated"]
-                    loss = compute_loss(run.engine, batch, pixel_dtype=run.pixel_dtype,
-                                        train_projector=config.adapter.train_projector, run_vision=next(vision_iter))
+                    loss = _micro_step_loss(run, batch, next(index_iter), micro=micro, run_vision=next(vision_iter))
                     run.engine.backward(loss)
                     run.engine.step()
                     losses.append(float(loss.detach()))
@@ -298,6 +323,8 @@ def finish(run: TrainingRun) -> dict[str, Any]:
     config, dist, state, output_dir = run.config, run.dist, run.state, run.output_dir
     final = output_dir / f"checkpoint-{state.global_step}"
     reload_check = None
+    if run.composition is not None:
+        run.composition.compose_all(run.engine.module)  # what the saved (composed) adapter computes
     if config.train.verify_final_adapter:
         from road_vlm.train.verify import verify_saved_adapter
 

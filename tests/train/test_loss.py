@@ -67,7 +67,7 @@ def test_gradient_checkpointing_with_frozen_embeddings_still_trains_the_adapter(
     config = config_from_dict({"model": {"name_or_path": str(tiny_llava_dir)}, "data": {"path": "x.json"},
                                "output": {"dir": "o"}, "adapter": {"variant": "road4", "group_size": 64},
                                "train": {"gradient_checkpointing": True}})
-    model, _ = load_model_with_adapter(config)
+    model, _, _ = load_model_with_adapter(config)
     assert model.training and model.model.language_model.gradient_checkpointing
     assert not model.get_input_embeddings().weight.requires_grad
     ids = torch.tensor([[1, 50, 60, 70, 2]])

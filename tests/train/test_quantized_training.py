@@ -189,7 +189,7 @@ def test_half_precision_on_a_quantized_base_keeps_the_norms_in_fp32(tiny_llava_d
                                           model={"quantization": "nf4"}, train={"bf16": True}))
     ds = build_deepspeed_config(read_deepspeed_json(zero2), config, world_size=1, hidden_size=64)
     assert ds["data_types"]["keep_in_fp32_modules"] == ["language_model.*norm"]
-    model, _ = load_model_with_adapter(config)
+    model, _, _ = load_model_with_adapter(config)
     lm = model.model.language_model
     assert lm.norm.weight.dtype == torch.float32 and lm.layers[0].input_layernorm.weight.dtype == torch.float32
     assert lm.embed_tokens.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
