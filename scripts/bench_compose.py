@@ -14,8 +14,8 @@ Every run is the real recipe (``configs/demo.yaml`` written out per run with its
   time, with no gradient (twice the steps of a single adapter: each adapter sees as many batches as alone);
 - ``cotrained_anchored``: co-trained on the anchored task files;
 - ``sequential``: the text adapter trained with the independent shapes adapter frozen and composed in;
-- ``feature_anchored``: co-trained plus an MSE keeping each adapter's hidden states near the base's on the other
-  task's prompts;
+- ``feature_anchored``: co-trained plus an MSE (weight 1) keeping each adapter's hidden states (middle and last
+  decoder layer) near the base's on the other task's prompts;
 - baselines ``lora``: a LoRA adapter per task (independent) summed by PEFT (``combination_type="cat"``: exactly
   dW_A + dW_B) and merged by TIES.
 
@@ -48,7 +48,7 @@ import yaml
 
 from _common import REPO
 from _compose_stats import OTHER, TASKS, Bootstrap, done_when, figures, markdown, question_scores
-from road_vlm.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from road_vlm.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HF_CONFIG
 
 SUBSETS = {"shapes": "1/2", "text": "2/2"}
 
@@ -225,6 +225,9 @@ def recipe_adapters(bench: Bench, name: str, seed: int) -> dict[str, Path]:
     if recipe.kind == "cotrained":
         compose = {"tasks": [{"name": t, "data": str(files[t]), "pair_subset": SUBSETS[t]} for t in TASKS],
                    "partner_prob": 0.5, "feature_anchor_weight": recipe.feature_anchor_weight}
+        if recipe.feature_anchor_weight:
+            layers = json.loads((bench.base / HF_CONFIG).read_text())["text_config"]["num_hidden_layers"]
+            compose["feature_anchor_layers"] = [layers // 2, layers]  # the middle and the last decoder layer
         checkpoint = bench.train(runs / name, seed=seed, variant="road4", steps=bench.steps * len(TASKS),
                                  compose=compose)
         return {**{task: checkpoint / "parts" / task for task in TASKS}, "composed": checkpoint}
@@ -323,7 +326,7 @@ def prepare(args: argparse.Namespace, recipes: list[str]) -> tuple[Bench, Path]:
 
 def seed_rows(bench: Bench, recipes: list[str], seed: int) -> dict[str, Path]:
     """Train (or reuse) every recipe for one seed; eval rows named ``s<seed>-<recipe>_<part>``, copied into
-    WORK/adapters (a row is named after its directory)."""
+    WORK/adapters (``evaluate`` names a row after its directory)."""
     found: dict[str, Path] = {}
     for name in recipes:
         parts = lora_adapters(bench, seed) if name == LORA else recipe_adapters(bench, name, seed)
@@ -331,8 +334,13 @@ def seed_rows(bench: Bench, recipes: list[str], seed: int) -> dict[str, Path]:
     rows = {}
     for row, path in found.items():
         rows[row] = bench.work / "adapters" / f"s{seed}-{row}"
-        if not (rows[row] / ADAPTER_CONFIG).is_file():
-            shutil.copytree(path, rows[row], ignore=shutil.ignore_patterns("parts"))
+        if not rows[row].is_dir():  # the adapter's files only (not parts/ or a checkpoint's optimizer states)
+            partial = rows[row].with_name(rows[row].name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            for file in (f for f in path.iterdir() if f.is_file()):
+                shutil.copy2(file, partial / file.name)
+            partial.rename(rows[row])
     return rows
 
 
