@@ -142,6 +142,7 @@ def _cell(value: dict, unit: str) -> str:
 
 
 def markdown(result: dict) -> str:
+    """bench_compose.md: accuracy per seed, retention, the single adapters' figures, the verdicts and notes."""
     tasks = [f"{BENCHMARK_NAMES[b]} ({t})" for t, b in TASKS.items()]
     lines = []
     for seed, table in result["accuracy"].items():

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from _compose_stats import Bootstrap, difference, question_scores, share_of_gain  # noqa: E402
+from _compose_stats import Bootstrap, difference, done_when, question_scores, share_of_gain  # noqa: E402
 
 
 def test_identical_rows_give_a_degenerate_interval():
@@ -53,6 +53,19 @@ def test_a_share_of_no_gain_is_undefined_and_undefined_resamples_are_counted():
     single[0] = 1.0  # one question: many resamples leave it out, so the gain there is 0
     result = Bootstrap({"base": base, "s": single, "c": single}, 200, 0).interval(share_of_gain("c", "s", "base"))
     assert result["point"] == 100.0 and 0 < result["undefined_resamples"] < 200
+
+
+def test_done_when_needs_the_lower_bound_and_the_singles_bar_on_every_seed():
+    kept = {"point": 95.0, "lo": 85.0, "hi": 104.0}
+    single = {"own_gain_kept": {"point": 97.0, "lo": 90.0, "hi": 103.0},
+              "drift_on_other_task": {"point": -1.0, "lo": -2.5, "hi": 0.4}}
+    good = {"retention": {"shapes": kept, "text": kept}, "singles": {"shapes": single, "text": single}}
+    assert done_when({"seed0": good, "seed1": good}) == {"met": True, "failures": []}
+    low = {**good, "retention": {"shapes": kept, "text": {"point": 92.0, "lo": 75.0, "hi": 101.0}}}
+    drifting = {**single, "drift_on_other_task": {"point": 4.0, "lo": 2.0, "hi": 6.0}}
+    verdict = done_when({"seed0": {**good, "singles": {"shapes": drifting, "text": single}}, "seed1": low})
+    assert verdict == {"met": False, "failures": ["seed0: shapes single moves the text task by 4.0 pts [2.0, 6.0]",
+                                                  "seed1: composed keeps 92% [75, 101] of the text gain"]}
 
 
 @pytest.mark.parametrize("benchmark", ["gqa", "textvqa"])
