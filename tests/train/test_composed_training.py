@@ -134,6 +134,20 @@ def test_partner_acts_exactly_as_the_composition_and_gets_no_gradient(tiny_llava
     torch.testing.assert_close(composed_loss.detach(), reference, rtol=1e-5, atol=1e-6)
 
 
+def test_partner_draws_are_a_function_of_seed_step_micro_step_and_rank(tiny_llava_dir):
+    from road_vlm.adapters import adapted_layers
+    from road_vlm.train.model_setup import load_model_with_adapter
+
+    model, _, composition = load_model_with_adapter(_config(tiny_llava_dir, partner_prob=0.3))
+    keys = [(step, micro, rank) for step in range(40) for micro in range(2) for rank in range(2)]
+    draws = [composition.route(model, 1, step=s, micro=m, rank=r) for s, m, r in keys]
+    assert draws == [composition.route(model, 1, step=s, micro=m, rank=r) for s, m, r in keys]  # a resumed run
+    assert 0.15 < sum(d == ["a"] for d in draws) / len(draws) < 0.45  # on about partner_prob of the time
+    layer = next(iter(adapted_layers(model).values()))
+    composition.route(model, 1, step=0, micro=0, rank=0)
+    assert layer.active_adapter == "b" and set(layer.partners + layer.idle) == {"a"}
+
+
 def test_feature_anchor_pulls_only_the_other_tasks_adapter_toward_the_base(tiny_llava_dir):
     from road_vlm.train.composition import feature_anchor_loss
     from road_vlm.train.loss import model_forward
@@ -215,14 +229,14 @@ def test_co_training_saves_each_part_and_their_composition(co_trained, tmp_path)
 def test_sequential_training_leaves_the_saved_adapter_bit_identical(co_trained, tiny_llava_dir, synthetic_data,
                                                                     tmp_path):
     from road_vlm.adapters.compose import compose_dirs
-    from train_helpers import deepspeed_command, demo_config, run_training, write_config
+    from train_helpers import demo_config, python_command, run_training, write_config
 
     prior = Path(json.loads((co_trained / "summary.json").read_text())["final_checkpoint"]) / "parts" / "shapes"
     config = demo_config(tiny_llava_dir, synthetic_data, tmp_path / "run",
                          adapter={"train_projector": False, "pair_subset": "2/2"},
                          train={"max_steps": 3, "save_steps": 3, "per_device_batch_size": 4})
     config["compose"] = {"compose_with": str(prior)}
-    result = run_training(deepspeed_command(write_config(tmp_path / "run.yaml", config)), timeout=300)
+    result = run_training(python_command(write_config(tmp_path / "run.yaml", config)), timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     final = tmp_path / "run" / "checkpoint-3"
     before, after = _adapter(prior), _adapter(final / "parts" / "prior")
