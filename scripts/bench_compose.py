@@ -11,11 +11,13 @@ Every run is the real recipe (``configs/demo.yaml`` written out per run with its
 - ``anchored``: each adapter also sees the other task's prompts answered by the base model (greedy), so it learns
   to leave those inputs as the base had them;
 - ``cotrained``: one run, ``compose.tasks`` = both tasks; on a task's batch the partner adapter is on half of the
-  time, with no gradient (twice the steps of a single adapter: each adapter sees as many batches as alone);
+  time, with no gradient (twice the steps of a single adapter, the smaller task's records repeated to the larger's
+  size: each adapter sees about as many batches as alone);
 - ``cotrained_anchored``: co-trained on the anchored task files;
 - ``sequential``: the text adapter trained with the independent shapes adapter frozen and composed in;
 - ``feature_anchored``: co-trained plus an MSE (weight 1) keeping each adapter's hidden states (middle and last
-  decoder layer) near the base's on the other task's prompts;
+  decoder layer) near the base's on the other task's prompts; ``feature_anchored_1.5x``: the same with 1.5 times
+  the steps per adapter (the anchor costs each adapter part of its own gain; more steps win it back);
 - baselines ``lora``: a LoRA adapter per task (independent) summed by PEFT (``combination_type="cat"``: exactly
   dW_A + dW_B) and merged by TIES.
 
@@ -58,6 +60,7 @@ class Recipe:
     data: str  # "plain" or "anchored": which task files the adapters train on
     kind: str  # "separate" (one run per task, then compose), "cotrained" (one run) or "sequential"
     feature_anchor_weight: float = 0.0
+    steps_factor: float = 1.0  # co-trained: steps per adapter as a multiple of --steps
 
 
 RECIPES = {
@@ -67,6 +70,7 @@ RECIPES = {
     "cotrained_anchored": Recipe("anchored", "cotrained"),
     "sequential": Recipe("plain", "sequential"),
     "feature_anchored": Recipe("plain", "cotrained", feature_anchor_weight=1.0),
+    "feature_anchored_1.5x": Recipe("plain", "cotrained", feature_anchor_weight=1.0, steps_factor=1.5),
 }
 LORA = "lora"  # the baselines' name in --recipes
 LORA_MERGES = {"lora_cat": "cat", "lora_ties": "ties"}  # row -> add_weighted_adapter's combination_type
@@ -223,18 +227,33 @@ def recipe_adapters(bench: Bench, name: str, seed: int) -> dict[str, Path]:
             compose_dirs([singles["shapes"], singles["text"]], composed)
         return {**singles, "composed": composed}
     if recipe.kind == "cotrained":
+        files = balanced(files)
         compose = {"tasks": [{"name": t, "data": str(files[t]), "pair_subset": SUBSETS[t]} for t in TASKS],
                    "partner_prob": 0.5, "feature_anchor_weight": recipe.feature_anchor_weight}
         if recipe.feature_anchor_weight:
             layers = json.loads((bench.base / HF_CONFIG).read_text())["text_config"]["num_hidden_layers"]
             compose["feature_anchor_layers"] = [layers // 2, layers]  # the middle and the last decoder layer
-        checkpoint = bench.train(runs / name, seed=seed, variant="road4", steps=bench.steps * len(TASKS),
-                                 compose=compose)
+        steps = round(bench.steps * len(TASKS) * recipe.steps_factor)
+        checkpoint = bench.train(runs / name, seed=seed, variant="road4", steps=steps, compose=compose)
         return {**{task: checkpoint / "parts" / task for task in TASKS}, "composed": checkpoint}
     prior = recipe_adapters(bench, "independent", seed)["shapes"]  # reused: the independent recipe ran first
     checkpoint = bench.train(runs / name, seed=seed, variant="road4", data=files["text"], subset=SUBSETS["text"],
                              compose={"compose_with": str(prior)})
     return {"shapes": checkpoint / "parts" / "prior", "text": checkpoint / "parts" / "new", "composed": checkpoint}
+
+
+def balanced(files: dict[str, Path]) -> dict[str, Path]:
+    """Co-training gives each task steps in proportion to its samples; the smaller task's records are repeated
+    (ids made unique) to about the larger one's size, so each adapter sees about as many batches as alone."""
+    rows = {task: json.loads(path.read_text()) for task, path in files.items()}
+    largest = max(len(r) for r in rows.values())
+    out = {}
+    for task, records in rows.items():
+        times = max(1, round(largest / len(records)))
+        out[task] = files[task] if times == 1 else files[task].with_name(f"{files[task].stem}-x{times}.json")
+        if times > 1 and not out[task].is_file():
+            out[task].write_text(json.dumps([{**r, "id": f"{r['id']}-r{k}"} for k in range(times) for r in records]))
+    return out
 
 
 def lora_adapters(bench: Bench, seed: int) -> dict[str, Path]:
