@@ -17,6 +17,7 @@ dotted key (``train.learning_rate``) and the file, so a typo never silently fall
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -26,7 +27,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from road_vlm.adapters.config import AdapterConfig, AdapterConfigError
+from road_vlm.adapters.compose import check_disjoint
+from road_vlm.adapters.config import AdapterConfig, AdapterConfigError, variant_has_lora, variant_has_road
+from road_vlm.adapters.errors import CompositionError
+from road_vlm.adapters.rotation import road_param_size
 from road_vlm.data.config import DataConfig
 from road_vlm.quantization import QuantizationMethod
 from road_vlm.train.optim import LrScheduler
@@ -306,10 +310,6 @@ def _check_values(config: TrainingConfig, source: str) -> None:
 
 def _check_compose(config: TrainingConfig, source: str) -> None:
     """The compose section against the adapter and data sections: every pair subset disjoint, RoAd only."""
-    from road_vlm.adapters.compose import check_disjoint
-    from road_vlm.adapters.errors import CompositionError
-    from road_vlm.adapters.config import variant_has_lora, variant_has_road
-
     c, adapter = config.compose, config.adapter
     if c.tasks and c.compose_with is not None:
         raise ConfigError(f"{source}: 'compose.tasks' and 'compose.compose_with' are two ways to compose; use one")
@@ -355,7 +355,7 @@ def _check_compose(config: TrainingConfig, source: str) -> None:
             configs[task.name] = dataclasses.replace(adapter, pair_subset=task.pair_subset)
         except AdapterConfigError as err:
             raise ConfigError(f"{where}.pair_subset': {err}") from err
-    try:  # a layer with 2 * lcm(n) pairs per group is enough to find any overlap between the subsets
+    try:  # on a layer shaped so that every subset's slices are whole: any overlap shows there
         check_disjoint("compose.tasks", adapter.variant, adapter.group_size, _probe_size(adapter, configs), configs)
     except CompositionError as err:
         raise ConfigError(f"{source}: {err}") from err
@@ -363,10 +363,6 @@ def _check_compose(config: TrainingConfig, source: str) -> None:
 
 def _probe_size(adapter: AdapterConfig, configs: dict[str, AdapterConfig]) -> int:
     """``road_theta`` length of a layer whose pairs every subset of ``configs`` can slice."""
-    import math
-
-    from road_vlm.adapters.rotation import road_param_size
-
     slices = math.lcm(*(cfg.pairs.of for cfg in configs.values()))
     d_out = adapter.group_size * slices  # group_size / 2 pairs per group: at least `slices` pairs in all
     return road_param_size(adapter.variant, d_out)

@@ -10,7 +10,9 @@ broken sample never costs trained steps):
    access)
 4. ``initialize_engine``: optimizer (LLaVA's 4 groups), warmup+cosine schedule, ``deepspeed.initialize``, resume
    (engine/optimizer/scheduler/RNG state; data order is a function of seed and step)
-5. ``run_steps``: train, log, save; ``finish``: verify the saved adapter, summary.json, loss.png
+5. ``run_steps``: train, log, save (a composed run, ``compose:``, switches its adapters per micro-batch and saves
+   each part plus their composition: ``composition.py``); ``finish``: verify the saved adapter, summary.json,
+   loss.png
 """
 
 from __future__ import annotations
