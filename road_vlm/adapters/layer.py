@@ -50,6 +50,7 @@ from .rotation import (
     rotate_rows_,
     singular_pairs,
 )
+from .triton_rotation import fused_rotation_applies, rotate_mixed
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,11 @@ class AdaptedLinear(nn.Module):
             b = mixed.lora_b.index_select(0, lora_ids).to(x.dtype)  # [B, d_out, r]
             delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
             y = y + delta.reshape(y.shape)
+        c1_bank, s2_bank = self.bank.tables()
+        if fused_rotation_applies(y, c1_bank):  # CUDA inference: one Triton launch per rotation pass
+            for gs, index, _, _ in mixed.rotations:
+                y = rotate_mixed(y, index, c1_bank, s2_bank, gs, mixed.batch)
+            return y
         # y is this layer's own fresh output (base matmul / LoRA sum), so rotating it in place is safe.
         rotate = apply_rotation if y.requires_grad and torch.is_grad_enabled() else apply_rotation_fused_
         for gs, c1, s2 in rotations:
