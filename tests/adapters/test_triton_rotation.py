@@ -10,6 +10,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first importe
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from road_vlm.adapters import AdapterConfig, add_adapter, per_sample_adapters  # noqa: E402
+from road_vlm.adapters import layer as layer_module  # noqa: E402
 from road_vlm.adapters.rotation import apply_rotation, road_coefficients, swap_halves  # noqa: E402
 from road_vlm.adapters.triton_rotation import (  # noqa: E402
     fused_rotation_applies,
@@ -129,9 +131,31 @@ def test_cpu_layers_keep_the_torch_path():
     assert not fused_rotation_applies(torch.randn(2, D_OUT), c1)
 
 
+def test_mixed_batch_through_the_op_equals_the_torch_path(adx, monkeypatch):
+    """The layer's wiring (normally CUDA only), forced on for the CPU: the same logits as the torch mixed path,
+    with two group sizes in one batch (two passes) and a base row."""
+    model = adx.build_tiny()
+    add_adapter(model, AdapterConfig(variant="road4", group_size=adx.GROUP), name="a")
+    add_adapter(model, AdapterConfig(variant="road2", group_size=8, target_modules=["o_proj"]), name="b")
+    adx.randomize_adapter(model, "a", seed=1)
+    adx.randomize_adapter(model, "b", seed=2)
+    inputs = adx.make_inputs(batch=3, seq=2, seed=3, with_image=False)
+    names = ["a", None, "b"]
+    with torch.no_grad(), per_sample_adapters(model, names):
+        torch_path = model(**inputs).logits
+        calls = []
+        monkeypatch.setattr(layer_module, "fused_rotation_applies", lambda y, c1: True)
+        monkeypatch.setattr(layer_module, "rotate_mixed", lambda *a: calls.append(a[4]) or rotate_mixed(*a))
+        fused = model(**inputs).logits
+    assert set(calls) == {adx.GROUP, 8}
+    torch.testing.assert_close(fused, torch_path, rtol=0, atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_matches_torch_rotation():
+    """Under the interpreter here too (set for this process); test_cuda.py's mixed-batch tests, run in their own
+    process by scripts/gpu_check.sh, drive the compiled kernel through the layer."""
     c1, s2 = (t.cuda() for t in _banks(8))
     ids = torch.tensor([0, 2, 1, 3], dtype=torch.int32, device="cuda")
     y = torch.randn(len(ids), D_OUT, device="cuda", dtype=torch.bfloat16)
