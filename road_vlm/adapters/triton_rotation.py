@@ -16,6 +16,7 @@ layer uses it only for CUDA inference (:func:`fused_rotation_applies`); the CPU 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 
@@ -88,8 +89,10 @@ def rotate_rows(y: torch.Tensor, ids: torch.Tensor, c1: torch.Tensor, s2: torch.
         return out
     triton, kernel = _kernel()
     grid = (y.shape[0], triton.cdiv(y.shape[1], _BLOCK))
-    kernel[grid](y, y.stride(0), out, ids.contiguous(), c1.contiguous(), s2.contiguous(), y.shape[1], group_size,
-                 tokens_per_row, BLOCK=_BLOCK)
+    # Launch on y's GPU, not the current one (a model may live on any device).
+    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+        kernel[grid](y, y.stride(0), out, ids.contiguous(), c1.contiguous(), s2.contiguous(), y.shape[1], group_size,
+                     tokens_per_row, BLOCK=_BLOCK)
     return out
 
 
