@@ -184,7 +184,7 @@ class Bench:
             if "tasks" in compose:
                 config["data"]["group_by_modality_length"] = False  # co-training batches one task at a time
         out.parent.mkdir(parents=True, exist_ok=True)
-        config_file = out.with_suffix(".yaml")
+        config_file = out.parent / f"{out.name}.yaml"  # not with_suffix: recipe names may hold a dot
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         _launch(config_file, out, self.processes)
         return _final_checkpoint(out)
@@ -198,7 +198,7 @@ def _launch(config_file: Path, out: Path, processes: int) -> None:
     else:
         cmd = [sys.executable, "-m", "road_vlm.train.entry", "--config", str(config_file)]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-    log = out.with_suffix(".log")
+    log = out.parent / f"{out.name}.log"
     print(f"   training {out.parent.parent.name}/{out.name} (config {config_file.name}; log {log})", file=sys.stderr,
           flush=True)
     with open(log, "w") as handle:
