@@ -145,6 +145,8 @@ def save_parts(model: Any, directory: Path, parts: Sequence[str], is_writer: boo
 
 def _hidden_states(forward: Any, batch: dict[str, Any], layers: Sequence[int]) -> list[torch.Tensor]:
     states = forward(batch).hidden_states
+    if not layers:  # the middle and the last decoder layer (states[0] is the embeddings)
+        layers = [(len(states) - 1) // 2, len(states) - 1]
     wrong = [i for i in layers if not -len(states) <= i < len(states)]
     if wrong:
         raise ConfigError(f"compose.feature_anchor_layers: {wrong} out of range; this model has {len(states)} hidden "

@@ -114,7 +114,7 @@ class ComposeConfig:
     partner_prob: float = 0.5  # on a task's micro-batch, each other task's adapter is on (no gradient) this often
     compose_with: str | None = None  # sequential: a saved adapter, frozen and always composed in (disjoint pairs)
     feature_anchor_weight: float = 0.0  # co-training: weight of the hidden-state MSE to the base on other tasks
-    feature_anchor_layers: list[int] = field(default_factory=lambda: [2, 4])  # hidden_states indices it compares
+    feature_anchor_layers: list[int] = field(default_factory=list)  # hidden_states indices; []: middle and last layer
 
     @property
     def enabled(self) -> bool:
@@ -326,8 +326,6 @@ def _check_compose(config: TrainingConfig, source: str) -> None:
     if c.feature_anchor_weight and not c.tasks:
         raise ConfigError(f"{source}: 'compose.feature_anchor_weight' anchors co-trained adapters on the other "
                           "tasks' prompts; it needs 'compose.tasks'")
-    if c.feature_anchor_weight and not c.feature_anchor_layers:
-        raise ConfigError(f"{source}: 'compose.feature_anchor_layers' is empty")
     if c.compose_with is not None:
         if adapter.pair_subset is None:
             raise ConfigError(f"{source}: 'compose.compose_with' needs 'adapter.pair_subset' (disjoint from the "

@@ -158,6 +158,9 @@ def test_feature_anchor_pulls_only_the_other_tasks_adapter_toward_the_base(tiny_
     _randomize(model, ["a", "b"])
     loss = feature_anchor_loss(model, composition, 0, forward, _batch(), [2, -1])
     assert loss.item() > 0
+    n = model.config.text_config.num_hidden_layers  # []: the middle and the last decoder layer
+    assert feature_anchor_loss(model, composition, 0, forward, _batch(), []).item() == pytest.approx(
+        feature_anchor_loss(model, composition, 0, forward, _batch(), [n // 2, n]).item())
     loss.backward()
     assert any(g.abs().sum() > 0 for g in _grads(model, "b"))  # the other task's adapter is anchored
     assert all(g is None or not g.any() for g in _grads(model, "a"))  # this task's adapter is not
