@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ def init_distributed() -> DistInfo:
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        _remove_stale_build_locks()
     if not torch.distributed.is_initialized():
         backend = accel.communication_backend_name()
         if accel.device_name() == "cpu" and backend == "ccl":
@@ -64,10 +71,55 @@ def init_distributed() -> DistInfo:
     if accel.device_name() == "cpu":
         device = torch.device("cpu")
         _limit_cpu_threads()
+        _unlink_cpu_allreduce_segment(rank)
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+STALE_BUILD_LOCK_S = 15 * 60
+
+
+def _remove_stale_build_locks() -> None:
+    """Remove JIT-build locks of DeepSpeed's CPU ops that a killed process left behind.
+
+    Every process that loads a JIT op holds ``<torch_extensions>/<op>/lock`` while ninja checks the build; one
+    killed in that window leaves the file, and every later run waits on it forever. A CPU op builds in about a
+    minute, so a lock untouched for 15 minutes is left over.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > STALE_BUILD_LOCK_S:
+            logger.warning("removing %s: a build lock untouched for %.0f minutes, left by a killed process", lock,
+                           age / 60)
+            lock.unlink(missing_ok=True)
+
+
+def cpu_allreduce_segment(rank: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` (its shm.cpp names it so)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_cpu_allreduce_segment(rank: int) -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce segment from /dev/shm once every rank has mapped it.
+
+    DeepSpeed never unlinks it (64 MiB per rank per run, in RAM): a few hundred CPU runs fill /dev/shm and the
+    machine starts swapping. Once every rank has opened every segment (its initialisation waits for that; the
+    barrier makes it true for all ranks), the name is no longer needed and the mappings outlive the unlink, so
+    nothing is left behind even when a rank is killed.
+    """
+    if not hasattr(os, "getuid"):
+        return
+    barrier()
+    cpu_allreduce_segment(rank).unlink(missing_ok=True)
 
 
 def _limit_cpu_threads() -> None:

@@ -16,7 +16,8 @@ from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 from safetensors.torch import load_file
 
 from road_vlm.train.precision import supported_training_dtypes
-from train_helpers import REPO, deepspeed_command, demo_config, python_command, run_training, train_env, write_config
+from train_helpers import (REPO, deepspeed_command, demo_config, leftover_allreduce_segments, python_command,
+                           run_training, train_env, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +31,10 @@ def _run(tiny_llava_dir: Path, data: Path, out: Path, zero: str) -> subprocess.C
     config = demo_config(tiny_llava_dir, data, out, train=TRAIN,
                          deepspeed={"config": str(REPO / "configs" / "deepspeed" / f"{zero}.json")})
     path = write_config(out.parent / f"{out.name}.yaml", config)
-    result = run_training(deepspeed_command(path))
+    cmd = deepspeed_command(path)
+    result = run_training(cmd)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert not leftover_allreduce_segments(cmd), "the run left DeepSpeed's shared-memory segments in /dev/shm"
     return result
 
 
@@ -138,7 +141,8 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(
     out = tmp_path / "run"
     config = demo_config(tiny_llava_dir, synthetic_data, out, train=TRAIN)
     path = write_config(tmp_path / "run.yaml", config)
-    proc = subprocess.Popen(deepspeed_command(path), cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL,
+    cmd = deepspeed_command(path)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -151,6 +155,8 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(
         proc.wait()
     assert not (out / f"checkpoint-{STEPS}").exists(), "the run finished before it was killed"
     assert not (out / "summary.json").exists()
+    # Unlinked once every rank had mapped them, so a killed run leaves no 64 MiB segments in RAM either.
+    assert not leftover_allreduce_segments(cmd)
 
     result = run_training(deepspeed_command(path, "train.resume=auto"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -50,6 +50,12 @@ def deepspeed_command(config_path: Path, *overrides: str, num_processes: int = 2
             *overrides]
 
 
+def leftover_allreduce_segments(cmd: list[str]) -> list[Path]:
+    """DeepSpeed CPU all-reduce segments in /dev/shm left by the run ``cmd`` launched (named by its master port)."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def python_command(config_path: Path, *overrides: str) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(config_path), *overrides]
 
