@@ -16,6 +16,10 @@ and ``*_overhead_pct`` = adapter time / base time. Forward timing: the candidate
 are timed in interleaved rounds and the minimum per-call time is kept (robust on a shared, loaded machine);
 CUDA is synchronised around every timing. Merges: median wall time of ``--merge-repeats`` runs.
 
+``--cuda-graphs`` (CUDA only) times each candidate as the replay of a CUDA graph captured from one call, which is
+how a graph-captured decode step runs it: launch and Python dispatch costs vanish and what remains is the kernels'
+own time. A candidate that cannot be captured (a host sync inside its forward) gets its error in the row instead.
+
 Example: ``python scripts/bench_adapters.py --device cpu --dtype float32``;
 quick: ``python scripts/bench_adapters.py --quick``.
 """
@@ -75,6 +79,37 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, min_time: fl
     return best
 
 
+def _graph_replays(fns: dict[str, Callable[[], object]]) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+    """Each fn captured once in a CUDA graph, replaced by that graph's replay; the errors of those that cannot be."""
+    replays, errors = {}, {}
+    for name, fn in fns.items():
+        side = torch.cuda.Stream()  # warm-up on a side stream before capture, as torch.cuda.graph requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+        except Exception as err:  # noqa: BLE001 - recorded in the row: which candidate a graph cannot hold, and why
+            errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            torch.cuda.synchronize()
+            continue
+        replays[name] = graph.replay
+    return replays, errors
+
+
+def _timed(fns: dict[str, Callable[[], object]], rounds: int, min_time: float, device, graphs: bool):
+    """``_interleaved`` on the calls themselves, or on their CUDA-graph replays (NaN where capture failed)."""
+    if not graphs:
+        return _interleaved(fns, rounds, min_time, device), {}
+    replays, errors = _graph_replays(fns)
+    times = _interleaved(replays, rounds, min_time, device)
+    return {name: times.get(name, float("nan")) for name in fns}, errors
+
+
 class _Replay(nn.Module):
     """Stands in for the base Linear: returns a fresh copy of a precomputed output (adapters update in place)."""
 
@@ -102,11 +137,11 @@ def _isolated_adapter_cost(layers: dict[str, nn.Module], x: torch.Tensor, y: tor
         for key, layer in layers.items():
             fns[key] = (lambda layer=layer: layer(x)) if key == "road_vlm_road4" else (
                 lambda layer=layer: layer(x, adapter_names=names))
-        t = _interleaved(fns, args.rounds, args.min_run_time / 4, device)
+        t, _ = _timed(fns, args.rounds, args.min_run_time / 4, device, args.cuda_graphs)
     finally:
         for k, layer in layers.items():
             layer.base_layer = saved[k]
-    return {k: max(t[k] - t["replay"], 0.0) for k in layers}
+    return {k: max(t[k] - t["replay"], 0.0) if t[k] == t[k] else float("nan") for k in layers}
 
 
 def _randomize(module: nn.Module, seed: int) -> None:
@@ -169,14 +204,14 @@ def bench_forward(args, d_in: int, d_out: int, device, dtype) -> list[dict]:
                 tol = 1e-4 if dtype == torch.float32 else 5e-2
                 if not torch.allclose(ours.float(), ref.float(), atol=tol * float(ref.abs().max()), rtol=0):
                     raise RuntimeError(f"road_vlm and PEFT RoAd4 disagree for {d_in}x{d_out} {shape_name} n={n}")
-                timings = _interleaved(
+                timings, capture_errors = _timed(
                     {
                         "base": lambda: base(x),
                         "road_vlm_road4": lambda: road_layer(x),
                         "peft_road4": lambda: peft_road(x, adapter_names=names),
                         "peft_lora_r16": lambda: peft_lora(x, adapter_names=names),
                     },
-                    args.rounds, args.min_run_time, device,
+                    args.rounds, args.min_run_time, device, args.cuda_graphs,
                 )
                 t_base = timings["base"]
                 extra = _isolated_adapter_cost(
@@ -187,16 +222,24 @@ def bench_forward(args, d_in: int, d_out: int, device, dtype) -> list[dict]:
                     "layer": f"{d_in}x{d_out}",
                     "shape": f"{shape_name} (batch {batch} x {tokens} tok)",
                     "distinct_adapters": n,
-                    **{f"{k}_ms": round(v * 1e3, 4) for k, v in timings.items()},
+                    "cuda_graphs": args.cuda_graphs,
+                    **{f"{k}_ms": _ms(v) for k, v in timings.items()},
                 }
                 for k, v in extra.items():
-                    row[f"{k}_adapter_ms"] = round(v * 1e3, 4)
-                    row[f"{k}_overhead_pct"] = round(100.0 * v / t_base, 2)
+                    row[f"{k}_adapter_ms"] = _ms(v)
+                    row[f"{k}_overhead_pct"] = None if v != v else round(100.0 * v / t_base, 2)
+                if capture_errors:
+                    row["not_capturable"] = capture_errors
                 rows.append(row)
                 if args.progress:
                     print(json.dumps(row), flush=True)
                 road_layer.clear_mixed_tables()
     return rows
+
+
+def _ms(seconds: float) -> float | None:
+    """Milliseconds, rounded; None (JSON null) for a candidate that has no time (NaN: not capturable)."""
+    return None if seconds != seconds else round(seconds * 1e3, 4)
 
 
 def _median_wall(fn: Callable[[], None], undo: Callable[[], None], repeats: int, device) -> float:
@@ -265,6 +308,8 @@ def main() -> None:
     parser.add_argument("--no-forward", action="store_true", help="skip the forward timings")
     parser.add_argument("--progress", action="store_true", help="print each row as it is measured")
     parser.add_argument("--quick", action="store_true", help="small layers and batches: a smoke run in seconds")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time each candidate as a CUDA graph replay (CUDA only; see the module docstring)")
     args = parser.parse_args()
     if args.quick:
         args.layers, args.prefill_tokens, args.min_run_time, args.rounds, args.merge_repeats = (
@@ -272,6 +317,8 @@ def main() -> None:
     args.adapters = [int(a) for a in args.adapters.split(",")]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda (CUDA graphs exist only on the GPU)")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.threads is None:
@@ -292,6 +339,7 @@ def main() -> None:
                    else f"cpu ({platform.processor() or platform.machine()})"),
         "threads": args.threads,
         "dtype": args.dtype,
+        "cuda_graphs": args.cuda_graphs,
         "torch": torch.__version__,
         "forward": forward_rows,
         "merge": merge_rows,

@@ -15,6 +15,7 @@
 #   1. environment   torch / CUDA / GPU facts
 #   2. cuda-tests    tests/adapters/test_cuda.py: bf16/fp16 forward+backward, mixed batches, merge, generation
 #   3. adapters      scripts/bench_adapters.py at LLaVA-1.5-7B layer shapes (4096x4096, 4096x11008), bf16
+#   3b. adapters-graphs  the same forward timings as CUDA-graph replays (no merge; GPU only: skipped by --dry-run)
 #   4. train         scripts/bench_train.py --preset 7b with a few layers: step time, memory per method (road4 on a
 #                    bf16 base next to road4_nf4, the same adapter on a 4-bit NF4 base; needs bitsandbytes)
 #   5. serving       scripts/bench_serving.py --preset 7b with a few layers: tokens/s, 1 and 32 adapters
@@ -95,6 +96,7 @@ EOF
 if [ "$DRY_RUN" = 1 ]; then
     run_stage cuda-tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/adapters/test_cuda.py
     run_stage adapters 120 "$PYTHON" scripts/bench_adapters.py --quick --adapters 1,4
+    echo "skipped: needs a GPU (CUDA graphs)" >"$WORK/stages/adapters-graphs.status"
     run_stage train 180 "$PYTHON" scripts/bench_train.py --preset tiny --methods road4 road4_nf4 --steps 1 --warmup 0 \
         --batch-size 2 --seq-len 32
     run_stage serving 180 "$PYTHON" scripts/bench_serving.py --preset tiny --adapters 1 2 --batch-size 2 \
@@ -102,6 +104,8 @@ if [ "$DRY_RUN" = 1 ]; then
 else
     run_stage cuda-tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/adapters/test_cuda.py
     run_stage adapters 120 "$PYTHON" scripts/bench_adapters.py --device cuda --dtype bfloat16 --rounds 3
+    run_stage adapters-graphs 120 "$PYTHON" scripts/bench_adapters.py --device cuda --dtype bfloat16 --rounds 3 \
+        --cuda-graphs --no-merge
     run_stage train 180 "$PYTHON" scripts/bench_train.py --preset 7b --num-layers 4 --steps 3 --warmup 1
     run_stage serving 200 "$PYTHON" scripts/bench_serving.py --preset 7b --num-layers 4 --adapters 1 32 --repeats 2 \
         --profile

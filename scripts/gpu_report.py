@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-STAGES = ("environment", "cuda-tests", "adapters", "train", "serving")
+STAGES = ("environment", "cuda-tests", "adapters", "adapters-graphs", "train", "serving")
+# What a dry run on the CPU cannot run at all; gpu_check.sh records it as skipped, and that is not a failure there.
+GPU_ONLY_SKIP = "skipped: needs a GPU"
 
 
 def _json_document(text: str) -> Any:
@@ -37,20 +39,21 @@ def _json_document(text: str) -> Any:
     return None
 
 
-def read_stages(stages: Path) -> dict[str, dict[str, Any]]:
+def read_stages(stages: Path, dry_run: bool = False) -> dict[str, dict[str, Any]]:
     out = {}
     for name in STAGES:
         status_file = stages / f"{name}.status"
         status = status_file.read_text().strip() if status_file.exists() else "not run"
         stdout = (stages / f"{name}.out").read_text() if (stages / f"{name}.out").exists() else ""
         stderr = (stages / f"{name}.err").read_text() if (stages / f"{name}.err").exists() else ""
-        entry: dict[str, Any] = {"status": status, "ok": status.startswith("ok")}
+        ok = status.startswith("ok") or (dry_run and status.startswith(GPU_ONLY_SKIP))
+        entry: dict[str, Any] = {"status": status, "ok": ok}
         if name == "cuda-tests":
             summary = [line for line in stdout.splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)]
             entry["summary"] = summary[-1].strip("= ") if summary else None
         else:
             entry["result"] = _json_document(stdout)
-        if not entry["ok"]:
+        if not status.startswith("ok"):
             entry["stderr_tail"] = stderr.splitlines()[-15:]
         out[name] = entry
     return out
@@ -66,6 +69,21 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "" if value is None else str(value)
 
 
+def _forward_table(adapters: dict[str, Any], title: str) -> list[str]:
+    """bench_adapters.py's forward rows as a table (ms per call, and the time above the bare layer's matmul)."""
+    lines = ["", f"{title} ({adapters.get('dtype')}; ms per call; overhead = time above the bare layer's matmul)", "",
+             "| layer | shape | adapters | base ms | road_vlm RoAd4 ms (+%) | PEFT RoAd4 ms (+%) | PEFT LoRA r16 ms (+%) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in adapters.get("forward", []):
+        failed = row.get("not_capturable", {})
+        cells = [f"not capturable: {failed[k]}" if k in failed else
+                 f"{_fmt(row.get(f'{k}_ms'))} ({_fmt(row.get(f'{k}_overhead_pct'))}%)"
+                 for k in ("road_vlm_road4", "peft_road4", "peft_lora_r16")]
+        lines.append(f"| {row['layer']} | {row['shape']} | {row['distinct_adapters']} | {_fmt(row['base_ms'])} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     env = report["stages"]["environment"].get("result") or {}
     lines = [f"# GPU check {report['date']} — {report['gpu']}", "",
@@ -78,19 +96,15 @@ def to_markdown(report: dict[str, Any]) -> str:
 
     adapters = report["stages"]["adapters"].get("result")
     if adapters:
-        lines += ["", f"## Adapter layer forward ({adapters.get('dtype')}; ms per call; overhead = time above the "
-                      "bare layer's matmul)", "",
-                  "| layer | shape | adapters | base ms | road_vlm RoAd4 ms (+%) | PEFT RoAd4 ms (+%) | PEFT LoRA r16 ms (+%) |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        for row in adapters.get("forward", []):
-            cells = [f"{_fmt(row.get(f'{k}_ms'))} ({_fmt(row.get(f'{k}_overhead_pct'))}%)"
-                     for k in ("road_vlm_road4", "peft_road4", "peft_lora_r16")]
-            lines.append(f"| {row['layer']} | {row['shape']} | {row['distinct_adapters']} | {_fmt(row['base_ms'])} | "
-                         + " | ".join(cells) + " |")
+        lines += _forward_table(adapters, "## Adapter layer forward")
         if adapters.get("merge"):
             lines += ["", "| layer | road_vlm merge ms | PEFT merge ms | speed-up |", "|---|---:|---:|---:|"]
             lines += [f"| {m['layer']} | {_fmt(m['road_vlm_merge_ms'])} | {_fmt(m['peft_merge_ms'])} | {m['speedup']}× |"
                       for m in adapters["merge"]]
+
+    graphed = report["stages"]["adapters-graphs"].get("result")
+    if graphed:
+        lines += _forward_table(graphed, "## Adapter layer forward inside CUDA graphs")
 
     train = report["stages"]["train"].get("result")
     if train:
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, required=True, help="the whole check's wall time")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
-    stages = read_stages(args.stages)
+    stages = read_stages(args.stages, dry_run=args.dry_run)
     env = stages["environment"].get("result") or {}
     gpu = env.get("gpu") or "cpu-dry-run"
     date = dt.date.today().isoformat()
