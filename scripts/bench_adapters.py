@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import statistics
 import time
@@ -141,7 +142,7 @@ def _isolated_adapter_cost(layers: dict[str, nn.Module], x: torch.Tensor, y: tor
     finally:
         for k, layer in layers.items():
             layer.base_layer = saved[k]
-    return {k: max(t[k] - t["replay"], 0.0) if t[k] == t[k] else float("nan") for k in layers}
+    return {k: float("nan") if math.isnan(t[k]) else max(t[k] - t["replay"], 0.0) for k in layers}
 
 
 def _randomize(module: nn.Module, seed: int) -> None:
@@ -227,7 +228,7 @@ def bench_forward(args, d_in: int, d_out: int, device, dtype) -> list[dict]:
                 }
                 for k, v in extra.items():
                     row[f"{k}_adapter_ms"] = _ms(v)
-                    row[f"{k}_overhead_pct"] = None if v != v else round(100.0 * v / t_base, 2)
+                    row[f"{k}_overhead_pct"] = None if math.isnan(v) else round(100.0 * v / t_base, 2)
                 if capture_errors:
                     row["not_capturable"] = capture_errors
                 rows.append(row)
@@ -239,7 +240,7 @@ def bench_forward(args, d_in: int, d_out: int, device, dtype) -> list[dict]:
 
 def _ms(seconds: float) -> float | None:
     """Milliseconds, rounded; None (JSON null) for a candidate that has no time (NaN: not capturable)."""
-    return None if seconds != seconds else round(seconds * 1e3, 4)
+    return None if math.isnan(seconds) else round(seconds * 1e3, 4)
 
 
 def _median_wall(fn: Callable[[], None], undo: Callable[[], None], repeats: int, device) -> float:

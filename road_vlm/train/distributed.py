@@ -55,11 +55,12 @@ def init_distributed() -> DistInfo:
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()
-    if accel.device_name() == "cpu":
+    on_cpu = accel.device_name() == "cpu"
+    if on_cpu:
         _remove_stale_build_locks()
     if not torch.distributed.is_initialized():
         backend = accel.communication_backend_name()
-        if accel.device_name() == "cpu" and backend == "ccl":
+        if on_cpu and backend == "ccl":
             try:  # oneCCL is optional on CPU; gloo always works
                 import oneccl_bindings_for_pytorch  # noqa: F401
             except ImportError:
@@ -68,7 +69,7 @@ def init_distributed() -> DistInfo:
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if accel.device_name() == "cpu":
+    if on_cpu:
         device = torch.device("cpu")
         _limit_cpu_threads()
         _unlink_cpu_allreduce_segment(rank)
